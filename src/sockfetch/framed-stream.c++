@@ -1,0 +1,275 @@
+#include "framed-stream.h"
+
+#include <sockfetch/kj-compat.h>
+
+#include <kj/debug.h>
+#include <string.h>
+
+namespace sockfetch {
+
+namespace {
+
+constexpr kj::StringPtr CHUNKED_TERMINATOR = "0\r\n\r\n"_kj;
+// kj-http writes the last chunk of a chunked request body as exactly these bytes, in one write.
+
+}  // namespace
+
+FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits)
+    : raw(kj::mv(raw)), framer(limits) {}
+
+FramedStream::~FramedStream() noexcept(false) {}
+
+void FramedStream::watchIdle(IdleListener& listener) {
+  mode = Mode::IDLE;
+  idleListener = listener;
+  framer.freeBuffer();
+  if (probeOutcome != nullptr) return;  // already watching (or lost: the listener was told)
+  probeOutcome = ProbeOutcome(ProbePending());
+  probe = raw->tryRead(&probeByte, 1, 1)
+      .then([this](size_t n) {
+    if (n == 0) {
+      probeOutcome = ProbeOutcome(ProbeGotEof());
+    } else {
+      probeOutcome = ProbeOutcome(ProbeGotByte());
+    }
+    probeDone();
+  }, [this](kj::Exception&& e) {
+    probeOutcome = ProbeOutcome(kj::mv(e));
+    probeDone();
+  }).eagerlyEvaluate(nullptr);
+}
+
+void FramedStream::probeDone() {
+  KJ_IF_MAYBE(waiter, probeWaiter) {
+    (*waiter)->fulfill();
+    probeWaiter = nullptr;
+  }
+  if (mode != Mode::IDLE) return;  // an exchange's gate or a pass-through read deals with it
+  KJ_IF_MAYBE(listener, idleListener) {
+    auto& outcome = KJ_ASSERT_NONNULL(probeOutcome);
+    kj::String reason;
+    if (outcome.is<ProbeGotByte>()) {
+      reason = kj::str("the server sent data on the idle connection while no request was "
+          "outstanding, so the connection was dropped as poisoned");
+    } else if (outcome.is<ProbeGotEof>()) {
+      reason = kj::str("the server closed the idle connection");
+    } else {
+      reason = kj::str("the idle connection failed: ",
+          outcome.get<kj::Exception>().getDescription());
+    }
+    idleListener = nullptr;
+    listener->idleConnectionLost(kj::mv(reason));
+  }
+}
+
+void FramedStream::beginExchange(kj::HttpMethod method) {
+  KJ_REQUIRE(mode == Mode::IDLE, "FramedStream: an exchange may only begin on an idle stream");
+  mode = Mode::EXCHANGE;
+  idleListener = nullptr;
+  framer.start(method);
+  writesInFlight = 0;
+  writesCompleted = 0;
+  chunkedTerminatorWritten = false;
+  gatePassed = false;
+  // Yield once before touching the connection: an idle read that completed just now (its
+  // continuation queued but not yet run) is noticed here, before any request byte is written.
+  gate = kj::evalLater([this]() { checkIdleOutcome(); }).fork();
+}
+
+void FramedStream::checkIdleOutcome() {
+  KJ_IF_MAYBE(outcome, probeOutcome) {
+    KJ_SWITCH_ONEOF(*outcome) {
+      KJ_CASE_ONEOF(pending, ProbePending) {
+        // Nothing arrived. Cancelling a read that has not completed loses no data.
+        probe = nullptr;
+        probeOutcome = nullptr;
+      }
+      KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+            "the server sent data on the idle connection before the request was written, so the "
+            "connection was dropped as poisoned; retry on a new connection"));
+      }
+      KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+            "the server closed the idle connection before the request was written; retry on a "
+            "new connection"));
+      }
+      KJ_CASE_ONEOF(error, kj::Exception) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+            kj::str("the idle connection failed before the request was written (",
+                error.getDescription(), "); retry on a new connection")));
+      }
+    }
+  }
+  gatePassed = true;
+}
+
+kj::Promise<void> FramedStream::passGate() {
+  if (gatePassed) return kj::READY_NOW;
+  return KJ_ASSERT_NONNULL(gate).addBranch();
+}
+
+kj::Promise<void> FramedStream::finishResponse() {
+  if (framer.isComplete()) return kj::READY_NOW;
+  KJ_IF_MAYBE(failure, framer.getFailure()) {
+    return cloneException(*failure);
+  }
+  if (rawEof) {
+    framer.receivedEof();
+    return finishResponse();
+  }
+  return fill().then([this]() { return finishResponse(); });
+}
+
+void FramedStream::passThrough() {
+  mode = Mode::PASS_THROUGH;
+  idleListener = nullptr;
+  framer.passThrough();
+}
+
+kj::Promise<size_t> FramedStream::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
+  auto bytes = reinterpret_cast<kj::byte*>(buffer);
+  switch (mode) {
+    case Mode::EXCHANGE:
+      if (gatePassed) return readLoop(bytes, minBytes, maxBytes, 0);
+      return passGate().then([this, bytes, minBytes, maxBytes]() {
+        return readLoop(bytes, minBytes, maxBytes, 0);
+      });
+    case Mode::PASS_THROUGH:
+      return passThroughRead(bytes, minBytes, maxBytes);
+    case Mode::IDLE:
+      break;
+  }
+  KJ_FAIL_REQUIRE("FramedStream: read while idle; begin an exchange first");
+}
+
+kj::Promise<size_t> FramedStream::readLoop(
+    kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done) {
+  done += framer.take(kj::arrayPtr(buffer + done, maxBytes - done));
+  if (done >= minBytes) return done;
+  KJ_IF_MAYBE(failure, framer.getFailure()) {
+    // Everything before the error was passed on; the consumer sees the error next.
+    if (done > 0) return done;
+    return cloneException(*failure);
+  }
+  if (rawEof) return done;  // the end of a body delimited by the connection closing
+  if (framer.available() == 0 && !framer.mayGrow()) {
+    // The consumer has everything of this response it may see. kj-http reads on after a response
+    // (to notice the connection closing); that read must not see the next bytes, so it waits
+    // until the per-fetch client is destroyed.
+    if (done > 0) return done;
+    return kj::Promise<size_t>(kj::NEVER_DONE);
+  }
+  return fill().then([this, buffer, minBytes, maxBytes, done]() {
+    return readLoop(buffer, minBytes, maxBytes, done);
+  });
+}
+
+kj::Promise<void> FramedStream::fill() {
+  auto space = framer.space();
+  return raw->tryRead(space.begin(), 1, space.size()).then([this](size_t n) {
+    if (n == 0) {
+      rawEof = true;
+      framer.receivedEof();
+    } else {
+      framer.received(n);
+    }
+  });
+}
+
+kj::Promise<size_t> FramedStream::passThroughRead(
+    kj::byte* buffer, size_t minBytes, size_t maxBytes) {
+  size_t done = 0;
+  KJ_IF_MAYBE(outcome, probeOutcome) {
+    if (outcome->is<ProbePending>()) {
+      // The idle read may already hold a byte: wait for it rather than cancel it.
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      probeWaiter = kj::mv(paf.fulfiller);
+      return paf.promise.then([this, buffer, minBytes, maxBytes]() {
+        return passThroughRead(buffer, minBytes, maxBytes);
+      });
+    }
+    ProbeOutcome taken = kj::mv(*outcome);
+    probeOutcome = nullptr;
+    probe = nullptr;
+    KJ_SWITCH_ONEOF(taken) {
+      KJ_CASE_ONEOF(pending, ProbePending) {
+        KJ_UNREACHABLE;
+      }
+      KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
+        if (maxBytes == 0) return size_t(0);
+        buffer[0] = probeByte;
+        done = 1;
+      }
+      KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
+        rawEof = true;
+      }
+      KJ_CASE_ONEOF(error, kj::Exception) {
+        return kj::mv(error);
+      }
+    }
+  }
+  done += framer.take(kj::arrayPtr(buffer + done, maxBytes - done));
+  if (done >= minBytes || rawEof) return done;
+  return raw->tryRead(buffer + done, minBytes - done, maxBytes - done)
+      .then([done](size_t n) { return done + n; });
+}
+
+kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTerminator) {
+  ++writesInFlight;
+  // Eager: kj-http does not always wait on its write queue, and the bookkeeping must not depend
+  // on someone pulling the promise.
+  return promise.then([this, isTerminator]() {
+    --writesInFlight;
+    ++writesCompleted;
+    if (isTerminator) chunkedTerminatorWritten = true;
+  }).eagerlyEvaluate(nullptr);
+  // A failed or cancelled write stays "in flight": the connection is then in an unknown state
+  // and the fetcher will not reuse it.
+}
+
+kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
+  if (!gatePassed) {
+    return passGate().then([this, buffer, size]() { return write(buffer, size); });
+  }
+  bool isTerminator = mode == Mode::EXCHANGE && size == CHUNKED_TERMINATOR.size() &&
+      memcmp(buffer, CHUNKED_TERMINATOR.begin(), size) == 0;
+  return trackWrite(raw->write(buffer, size), isTerminator);
+}
+
+kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  if (!gatePassed) {
+    return passGate().then([this, pieces]() { return write(pieces); });
+  }
+  size_t total = 0;
+  for (auto& piece: pieces) total += piece.size();
+  bool isTerminator = false;
+  if (mode == Mode::EXCHANGE && total == CHUNKED_TERMINATOR.size()) {
+    char joined[5];
+    size_t pos = 0;
+    for (auto& piece: pieces) {
+      memcpy(joined + pos, piece.begin(), piece.size());
+      pos += piece.size();
+    }
+    isTerminator = memcmp(joined, CHUNKED_TERMINATOR.begin(), 5) == 0;
+  }
+  return trackWrite(raw->write(pieces), isTerminator);
+}
+
+kj::Promise<void> FramedStream::whenWriteDisconnected() {
+  return raw->whenWriteDisconnected();
+}
+
+void FramedStream::shutdownWrite() {
+  raw->shutdownWrite();
+}
+
+void FramedStream::abortRead() {
+  raw->abortRead();
+}
+
+kj::Maybe<int> FramedStream::getFd() const {
+  return raw->getFd();
+}
+
+}  // namespace sockfetch

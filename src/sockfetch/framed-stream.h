@@ -1,0 +1,106 @@
+#pragma once
+
+#include <sockfetch/response-framer.h>
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/one-of.h>
+
+namespace sockfetch {
+
+class FramedStream final: public kj::AsyncIoStream {
+  // The connection a StreamFetcher owns: the raw stream, a ResponseFramer over everything read
+  // from it, and the read that watches it while it is idle. Internal to sockfetch.
+  //
+  // It has three modes:
+  //  - idle: one single-byte read is outstanding on the raw stream. If it completes (a byte, EOF
+  //    or an error) the connection is lost, and the IdleListener hears why.
+  //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
+  //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
+  //    response is over they never complete. The first read or write of an exchange first yields
+  //    to the event loop and checks that nothing happened to the idle connection meanwhile, so a
+  //    lost connection fails before a byte of the request is written.
+  //  - pass-through (passThrough()): after an upgrade, or once released to the caller, reads
+  //    return every byte: first the ones buffered (and the idle read's byte, if it got one), then
+  //    the raw stream's.
+  //
+  // Single-threaded. At most one read and one write may be outstanding at a time, like any
+  // kj::AsyncIoStream.
+
+public:
+  class IdleListener {
+  public:
+    virtual void idleConnectionLost(kj::String reason) = 0;
+    // Called from the idle read's continuation. Must not destroy the FramedStream synchronously.
+  };
+
+  FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits);
+  ~FramedStream() noexcept(false);
+  KJ_DISALLOW_COPY(FramedStream);
+
+  void watchIdle(IdleListener& listener);
+  // Enters idle mode: starts the idle read and reports to `listener` (which must outlive this
+  // stream or the next beginExchange()/passThrough()) if it completes.
+
+  void beginExchange(kj::HttpMethod method);
+  // Enters exchange mode for a request with this method.
+
+  kj::Promise<void> finishResponse();
+  // Once the consumer has read the response body to its end: reads whatever of the response the
+  // consumer never sees (chunked trailers, the final CRLF) until the response is complete.
+
+  void passThrough();
+  // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
+
+  ResponseFramer& getFramer() { return framer; }
+  uint64_t getWritesInFlight() const { return writesInFlight; }
+  uint64_t getWritesCompleted() const { return writesCompleted; }
+  bool sawChunkedTerminator() const { return chunkedTerminatorWritten; }
+  // Write bookkeeping for the current exchange, so the fetcher can tell that the whole request
+  // (the chunked body's terminator included) reached the connection.
+
+  // kj::AsyncIoStream
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
+  kj::Promise<void> write(const void* buffer, size_t size) override;
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
+  kj::Promise<void> whenWriteDisconnected() override;
+  void shutdownWrite() override;
+  void abortRead() override;
+  kj::Maybe<int> getFd() const override;
+
+private:
+  enum class Mode { IDLE, EXCHANGE, PASS_THROUGH };
+  struct ProbePending {};
+  struct ProbeGotByte {};
+  struct ProbeGotEof {};
+  using ProbeOutcome = kj::OneOf<ProbePending, ProbeGotByte, ProbeGotEof, kj::Exception>;
+
+  kj::Own<kj::AsyncIoStream> raw;
+  ResponseFramer framer;
+  Mode mode = Mode::PASS_THROUGH;
+  bool rawEof = false;
+
+  // Idle watching.
+  kj::byte probeByte = 0;
+  kj::Maybe<ProbeOutcome> probeOutcome;  // null when no idle read was started
+  kj::Maybe<IdleListener&> idleListener;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> probeWaiter;
+  kj::Maybe<kj::Promise<void>> probe;  // declared after what its continuation touches
+
+  // Exchange.
+  bool gatePassed = true;
+  kj::Maybe<kj::ForkedPromise<void>> gate;
+  uint64_t writesInFlight = 0;
+  uint64_t writesCompleted = 0;
+  bool chunkedTerminatorWritten = false;
+
+  void probeDone();
+  kj::Promise<void> passGate();
+  void checkIdleOutcome();
+  kj::Promise<size_t> readLoop(kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done);
+  kj::Promise<size_t> passThroughRead(kj::byte* buffer, size_t minBytes, size_t maxBytes);
+  kj::Promise<void> fill();
+  kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
+};
+
+}  // namespace sockfetch

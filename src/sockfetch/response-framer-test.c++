@@ -1,0 +1,164 @@
+#include "response-framer.h"
+
+#include <kj/debug.h>
+#include <kj/test.h>
+#include <string.h>
+
+namespace sockfetch {
+namespace {
+
+struct Fed {
+  kj::String passed;  // what take() returned
+  bool complete;
+  size_t residue;
+};
+
+Fed feed(ResponseFramer& framer, kj::ArrayPtr<const kj::StringPtr> segments) {
+  // Feeds the segments one received() each, taking everything passable after each.
+  kj::Vector<char> passed;
+  for (auto segment: segments) {
+    size_t pos = 0;
+    while (pos < segment.size()) {
+      auto space = framer.space();
+      size_t n = kj::min(space.size(), segment.size() - pos);
+      memcpy(space.begin(), segment.begin() + pos, n);
+      framer.received(n);
+      pos += n;
+      KJ_IF_MAYBE(failure, framer.getFailure()) {
+        kj::throwFatalException(kj::cp(*failure));
+      }
+      char out[256];
+      while (size_t got = framer.take(kj::arrayPtr(reinterpret_cast<kj::byte*>(out), sizeof(out)))) {
+        passed.addAll(out, out + got);
+      }
+    }
+  }
+  return Fed{kj::heapString(passed.begin(), passed.size()), framer.isComplete(),
+      framer.residueSize()};
+}
+
+Fed feed(ResponseFramer& framer, std::initializer_list<kj::StringPtr> segments) {
+  return feed(framer, kj::arrayPtr(segments.begin(), segments.size()));
+}
+
+KJ_TEST("ResponseFramer passes a Content-Length response and stops at its end") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloNEXT"_kj});
+  KJ_EXPECT(fed.passed == "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", fed.passed);
+  KJ_EXPECT(fed.complete);
+  KJ_EXPECT(fed.residue == 4);
+  KJ_EXPECT(framer.whyNotReusable() == nullptr);
+}
+
+KJ_TEST("ResponseFramer withholds chunked trailers and completes at the final CRLF") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"_kj,
+      "3\r\nab"_kj, "c\r\n0\r\nX-T: 1\r\n"_kj});
+  KJ_EXPECT(fed.passed.endsWith("\r\n\r\n3\r\nabc\r\n0\r\n"), fed.passed);
+  KJ_EXPECT(!fed.complete);
+  KJ_EXPECT(!framer.mayGrow());
+  fed = feed(framer, {"\r\n"_kj});
+  KJ_EXPECT(fed.passed == "");
+  KJ_EXPECT(fed.complete);
+  KJ_EXPECT(fed.residue == 0);
+}
+
+KJ_TEST("ResponseFramer parses a chunk-size line split across segments") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1"_kj,
+      "a\r\n"_kj, "0123456789abcdefghijklmnop\r\n0\r\n\r\n"_kj});
+  KJ_EXPECT(fed.complete, fed.passed);
+  KJ_EXPECT(fed.residue == 0);
+}
+
+KJ_TEST("ResponseFramer removes interim responses") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  auto fed = feed(framer, {"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early"_kj,
+      " Hints\r\nLink: x\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"_kj});
+  KJ_EXPECT(fed.passed == "HTTP/1.1 204 No Content\r\n\r\n", fed.passed);
+  KJ_EXPECT(fed.complete);
+}
+
+KJ_TEST("ResponseFramer knows HEAD, 204 and 304 have no body") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::HEAD);
+  KJ_EXPECT(feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"_kj}).complete);
+  framer.finish();
+  framer.start(kj::HttpMethod::GET);
+  KJ_EXPECT(feed(framer, {"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"_kj}).complete);
+}
+
+KJ_TEST("ResponseFramer explains why a response forbids reuse") {
+  struct Case {
+    kj::StringPtr response;
+    kj::StringPtr reason;
+  };
+  Case cases[] = {
+    {"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"_kj, "Connection: close"_kj},
+    {"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"_kj, "HTTP/1.0"_kj},
+    {"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 0\r\n\r\n"_kj,
+     "Connection: close"_kj},
+    {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"_kj,
+     "both Transfer-Encoding and Content-Length"_kj},
+    {"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"_kj, "upgraded"_kj},
+  };
+  for (auto& c: cases) {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    feed(framer, {c.response});
+    auto why = KJ_ASSERT_NONNULL(framer.whyNotReusable(), c.response);
+    KJ_EXPECT(strstr(why.cStr(), c.reason.cStr()) != nullptr, why, c.reason);
+  }
+  ResponseFramer keepAlive;
+  keepAlive.start(kj::HttpMethod::GET);
+  feed(keepAlive, {"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"_kj});
+  KJ_EXPECT(keepAlive.whyNotReusable() == nullptr);
+}
+
+KJ_TEST("ResponseFramer rejects malformed framing with a clear error") {
+  kj::StringPtr bad[] = {
+    "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\n"_kj,
+    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"_kj,
+    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"_kj,
+    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXY"_kj,
+    "SSH-2.0-OpenSSH\r\n\r\n"_kj,
+    "HTTP/1.1 2000 OK\r\n\r\n"_kj,
+  };
+  for (auto text: bad) {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    KJ_EXPECT_THROW_MESSAGE("malformed HTTP response", feed(framer, {text}));
+  }
+}
+
+KJ_TEST("ResponseFramer limits the header block size") {
+  ResponseFramer::Limits limits;
+  limits.maxHeaderBytes = 1024;
+  ResponseFramer framer(limits);
+  framer.start(kj::HttpMethod::GET);
+  auto big = kj::str("HTTP/1.1 200 OK\r\nX-Big: ", kj::repeat('a', 4000), "\r\n\r\n");
+  KJ_EXPECT_THROW_MESSAGE("header block larger than 1024 bytes", feed(framer, {big}));
+}
+
+KJ_TEST("ResponseFramer reports a truncated response at EOF") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel"_kj});
+  framer.receivedEof();
+  KJ_EXPECT(strstr(KJ_ASSERT_NONNULL(framer.getFailure()).getDescription().cStr(),
+      "before the end of the response body") != nullptr);
+
+  ResponseFramer eofBody;
+  eofBody.start(kj::HttpMethod::GET);
+  feed(eofBody, {"HTTP/1.1 200 OK\r\n\r\nall of it"_kj});
+  eofBody.receivedEof();
+  KJ_EXPECT(eofBody.isComplete());
+  KJ_EXPECT(eofBody.whyNotReusable() != nullptr);
+}
+
+}  // namespace
+}  // namespace sockfetch

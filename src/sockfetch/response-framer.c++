@@ -1,0 +1,494 @@
+#include "response-framer.h"
+
+#include <kj/debug.h>
+#include <string.h>
+
+namespace sockfetch {
+
+namespace {
+
+constexpr size_t INITIAL_BUFFER = 4096;
+
+char lower(char c) {
+  return 'A' <= c && c <= 'Z' ? c - 'A' + 'a' : c;
+}
+
+bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); i++) {
+    if (lower(a[i]) != lower(b[i])) return false;
+  }
+  return true;
+}
+
+kj::ArrayPtr<const char> trim(kj::ArrayPtr<const char> s) {
+  size_t b = 0, e = s.size();
+  while (b < e && (s[b] == ' ' || s[b] == '\t' || s[b] == '\r')) b++;
+  while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t' || s[e - 1] == '\r')) e--;
+  return s.slice(b, e);
+}
+
+template <typename Func>
+void forEachToken(kj::ArrayPtr<const char> value, Func&& func) {
+  // Calls func(token) for each comma-separated, trimmed, non-empty token.
+  size_t start = 0;
+  for (size_t i = 0; i <= value.size(); i++) {
+    if (i == value.size() || value[i] == ',') {
+      auto token = trim(value.slice(start, i));
+      if (token.size() > 0) func(token);
+      start = i + 1;
+    }
+  }
+}
+
+kj::Maybe<uint64_t> parseDecimal(kj::ArrayPtr<const char> s) {
+  if (s.size() == 0 || s.size() > 18) return nullptr;
+  uint64_t v = 0;
+  for (char c: s) {
+    if (c < '0' || c > '9') return nullptr;
+    v = v * 10 + (c - '0');
+  }
+  return v;
+}
+
+kj::Exception malformed(kj::StringPtr what) {
+  return KJ_EXCEPTION(FAILED,
+      kj::str("the server sent a malformed HTTP response (", what,
+          "); the connection was dropped, check the upstream server"));
+}
+
+}  // namespace
+
+ResponseFramer::ResponseFramer(Limits limits): limits(limits) {}
+
+void ResponseFramer::start(kj::HttpMethod requestMethod) {
+  KJ_REQUIRE(begin == end, "a new response may only be framed on a clean connection");
+  begin = limit = parsed = end = messageEnd = lineStart = 0;
+  trailerBytes = 0;
+  remaining = 0;
+  method = requestMethod;
+  head = Head();
+  headParsed = false;
+  state = State::HEAD;
+}
+
+void ResponseFramer::compact() {
+  // A partly received line may have been passed on already; keep it for the parser.
+  bool inLine = state == State::HEAD || state == State::CHUNK_LINE || state == State::TRAILERS;
+  size_t shift = inLine ? kj::min(begin, lineStart) : begin;
+  if (shift == 0) return;
+  memmove(buffer.begin(), buffer.begin() + shift, end - shift);
+  begin -= shift;
+  limit -= shift;
+  parsed -= shift;
+  end -= shift;
+  messageEnd = messageEnd >= shift ? messageEnd - shift : 0;
+  lineStart = lineStart >= shift ? lineStart - shift : 0;
+}
+
+kj::ArrayPtr<kj::byte> ResponseFramer::space() {
+  if (buffer.size() == 0) buffer = kj::heapArray<kj::byte>(INITIAL_BUFFER);
+  if (end == buffer.size()) compact();
+  if (end == buffer.size()) {
+    // Full of bytes that cannot be passed on yet: a header block (or a line) still growing.
+    size_t cap = limits.maxHeaderBytes + limits.maxChunkLineBytes;
+    if (buffer.size() >= cap) {
+      kj::throwFatalException(malformed(kj::str("header block larger than ",
+          limits.maxHeaderBytes, " bytes")));
+    }
+    auto bigger = kj::heapArray<kj::byte>(kj::min(buffer.size() * 2, cap));
+    memcpy(bigger.begin(), buffer.begin(), end);
+    buffer = kj::mv(bigger);
+  }
+  return buffer.slice(end, buffer.size());
+}
+
+void ResponseFramer::received(size_t n) {
+  KJ_REQUIRE(end + n <= buffer.size());
+  end += n;
+  if (failure != nullptr) return;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { parse(); })) {
+    failure = kj::mv(*e);
+  }
+}
+
+void ResponseFramer::receivedEof() {
+  if (failure != nullptr) return;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { parseEof(); })) {
+    failure = kj::mv(*e);
+  }
+}
+
+void ResponseFramer::parseEof() {
+  switch (state) {
+    case State::UNTIL_EOF:
+      messageEnd = end;
+      state = State::COMPLETE;
+      return;
+    case State::PASS_THROUGH:
+    case State::COMPLETE:
+    case State::IDLE:
+      return;
+    case State::HEAD:
+      if (end == begin && !headParsed) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+            "the server closed the connection without sending a response; retry on a new "
+            "connection"));
+      }
+      kj::throwFatalException(malformed("connection closed in the middle of the response head"));
+    default:
+      kj::throwFatalException(malformed("connection closed before the end of the response body"));
+  }
+}
+
+size_t ResponseFramer::take(kj::ArrayPtr<kj::byte> out) {
+  size_t n = kj::min(out.size(), limit - begin);
+  memcpy(out.begin(), buffer.begin() + begin, n);
+  begin += n;
+  bool lineless = state == State::LENGTH || state == State::CHUNK_DATA ||
+      state == State::UNTIL_EOF || state == State::PASS_THROUGH || state == State::COMPLETE;
+  if (begin == end && lineless) {
+    // Everything received was consumed: reuse the buffer from its start.
+    begin = limit = parsed = end = messageEnd = lineStart = 0;
+  }
+  return n;
+}
+
+bool ResponseFramer::mayGrow() const {
+  switch (state) {
+    case State::TRAILERS:
+    case State::COMPLETE:
+    case State::IDLE:
+      return false;
+    default:
+      return true;
+  }
+}
+
+kj::Maybe<kj::StringPtr> ResponseFramer::whyNotReusable() const {
+  if (!headParsed) return "no complete response was received"_kj;
+  if (head.status == 101) return "the connection was upgraded to another protocol"_kj;
+  if (head.connectionClose) return "the server sent `Connection: close`"_kj;
+  if (head.http10 && !head.keepAlive) {
+    return "the server answered with HTTP/1.0 without `Connection: keep-alive`"_kj;
+  }
+  if (head.conflictingFraming) {
+    return "the response had both Transfer-Encoding and Content-Length"_kj;
+  }
+  if (state == State::UNTIL_EOF || (state == State::COMPLETE && remaining == UINT64_MAX)) {
+    return "the response body was delimited by the server closing the connection"_kj;
+  }
+  return nullptr;
+}
+
+size_t ResponseFramer::residueSize() const {
+  if (state == State::COMPLETE) return end - kj::max(messageEnd, begin);
+  if (state == State::IDLE) return end - begin;
+  return 0;
+}
+
+void ResponseFramer::finish() {
+  KJ_REQUIRE(state == State::COMPLETE && begin == limit);
+  begin = limit = parsed = messageEnd;
+  if (begin == end) begin = limit = parsed = end = messageEnd = lineStart = 0;
+  state = State::IDLE;
+}
+
+kj::Array<kj::byte> ResponseFramer::takeAll() {
+  auto result = kj::heapArray<kj::byte>(buffer.slice(begin, end));
+  begin = limit = parsed = end = messageEnd = lineStart = 0;
+  state = State::PASS_THROUGH;
+  return result;
+}
+
+void ResponseFramer::passThrough() {
+  state = State::PASS_THROUGH;
+  parsed = limit = end;
+}
+
+void ResponseFramer::freeBuffer() {
+  if (begin == end) {
+    buffer = nullptr;
+    begin = limit = parsed = end = messageEnd = lineStart = 0;
+  }
+}
+
+void ResponseFramer::parse() {
+  const char* chars = reinterpret_cast<const char*>(buffer.begin());
+  while (parsed < end) {
+    switch (state) {
+      case State::IDLE:
+      case State::COMPLETE:
+        return;  // residue: left for the owner to judge
+
+      case State::PASS_THROUGH:
+      case State::UNTIL_EOF:
+        parsed = limit = end;
+        break;
+
+      case State::HEAD:
+        if (!parseHeaderBlock()) return;
+        break;
+
+      case State::NO_BODY:
+        KJ_UNREACHABLE;
+
+      case State::LENGTH:
+      case State::CHUNK_DATA: {
+        size_t n = kj::min(remaining, uint64_t(end - parsed));
+        parsed += n;
+        limit = parsed;
+        remaining -= n;
+        if (remaining == 0) {
+          if (state == State::LENGTH) {
+            messageEnd = parsed;
+            state = State::COMPLETE;
+          } else {
+            state = State::CHUNK_CRLF;
+            lineStart = parsed;
+          }
+        }
+        break;
+      }
+
+      case State::CHUNK_CRLF: {
+        // Exactly CRLF (or a bare LF, which kj-http also accepts) must follow chunk data.
+        char c = chars[parsed];
+        if (c == '\r' && parsed == lineStart) {
+          parsed++;
+        } else if (c == '\n') {
+          parsed++;
+          state = State::CHUNK_LINE;
+          lineStart = parsed;
+        } else {
+          kj::throwFatalException(malformed("chunk data not followed by CRLF"));
+        }
+        limit = parsed;
+        break;
+      }
+
+      case State::CHUNK_LINE: {
+        auto nl = reinterpret_cast<const char*>(
+            memchr(chars + parsed, '\n', end - parsed));
+        if (nl == nullptr) {
+          parsed = end;
+          if (parsed - lineStart > limits.maxChunkLineBytes) {
+            kj::throwFatalException(malformed("chunk-size line too long"));
+          }
+          limit = parsed;
+          break;
+        }
+        size_t lineEnd = nl - chars;
+        parseChunkLine(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
+        parsed = lineEnd + 1;
+        limit = parsed;
+        lineStart = parsed;
+        if (remaining == 0) {
+          state = State::TRAILERS;
+        } else {
+          state = State::CHUNK_DATA;
+        }
+        break;
+      }
+
+      case State::TRAILERS:
+        if (!parseTrailerLine()) return;
+        break;
+    }
+  }
+}
+
+bool ResponseFramer::parseHeaderBlock() {
+  // Looks for the blank line that ends the header block starting at `lineStart`.
+  const char* chars = reinterpret_cast<const char*>(buffer.begin());
+  size_t scan = parsed > lineStart + 3 ? parsed - 3 : lineStart;
+  for (;;) {
+    auto nl = reinterpret_cast<const char*>(memchr(chars + scan, '\n', end - scan));
+    if (nl == nullptr) break;
+    size_t i = nl - chars;
+    size_t blockEnd = 0;
+    if (i + 1 < end && chars[i + 1] == '\n') {
+      blockEnd = i + 2;
+    } else if (i + 2 < end && chars[i + 1] == '\r' && chars[i + 2] == '\n') {
+      blockEnd = i + 3;
+    } else if (i + 2 >= end) {
+      break;  // can't tell yet
+    }
+    if (blockEnd != 0) {
+      parseHead(kj::arrayPtr(chars + lineStart, blockEnd - lineStart));
+      if (head.status >= 100 && head.status < 200 && head.status != 101) {
+        // Interim response: drop it entirely, as if it was never sent.
+        memmove(buffer.begin() + lineStart, buffer.begin() + blockEnd, end - blockEnd);
+        end -= blockEnd - lineStart;
+        parsed = lineStart;
+        head = Head();
+        return true;
+      }
+      headParsed = true;
+      parsed = limit = blockEnd;
+      if (head.status == 101) {
+        // Everything after the head belongs to the new protocol.
+        state = State::PASS_THROUGH;
+        parsed = limit = end;
+      } else if (method == kj::HttpMethod::HEAD || head.status == 204 || head.status == 304) {
+        messageEnd = blockEnd;
+        state = State::COMPLETE;
+        head.noBody = true;
+      }
+      // Otherwise parseHead() chose the body state.
+      return true;
+    }
+    scan = i + 1;
+  }
+  parsed = end;
+  if (end - lineStart > limits.maxHeaderBytes) {
+    kj::throwFatalException(malformed(kj::str("header block larger than ",
+        limits.maxHeaderBytes, " bytes")));
+  }
+  return false;
+}
+
+void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
+  head = Head();
+  // Status line: HTTP/1.x SP 3DIGIT [SP reason]
+  size_t lineEnd = 0;
+  while (lineEnd < block.size() && block[lineEnd] != '\n') lineEnd++;
+  auto statusLine = trim(block.slice(0, lineEnd));
+  if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
+      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
+    kj::throwFatalException(malformed("invalid status line"));
+  }
+  head.http10 = statusLine[7] == '0';
+  unsigned status = 0;
+  for (size_t i = 9; i < 12; i++) {
+    char c = statusLine[i];
+    if (c < '0' || c > '9') kj::throwFatalException(malformed("invalid status code"));
+    status = status * 10 + (c - '0');
+  }
+  if (statusLine.size() > 12 && statusLine[12] != ' ') {
+    kj::throwFatalException(malformed("invalid status code"));
+  }
+  if (status < 100) kj::throwFatalException(malformed("invalid status code"));
+  head.status = status;
+
+  kj::Maybe<uint64_t> contentLength;
+  bool hasTransferEncoding = false;
+  bool chunked = false;
+  size_t pos = lineEnd + 1;
+  while (pos < block.size()) {
+    size_t e = pos;
+    while (e < block.size() && block[e] != '\n') e++;
+    auto line = block.slice(pos, e);
+    pos = e + 1;
+    if (trim(line).size() == 0) continue;
+    const char* colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
+    if (colon == nullptr) kj::throwFatalException(malformed("header line without a colon"));
+    auto name = line.slice(0, colon - line.begin());
+    auto value = trim(line.slice(colon - line.begin() + 1, line.size()));
+    if (equalsIgnoreCase(name, "content-length")) {
+      // A list of identical values is tolerated (RFC 9110 8.6); anything else is an error.
+      forEachToken(value, [&](kj::ArrayPtr<const char> token) {
+        KJ_IF_MAYBE(n, parseDecimal(token)) {
+          KJ_IF_MAYBE(prev, contentLength) {
+            if (*prev != *n) kj::throwFatalException(malformed("conflicting Content-Length"));
+          }
+          contentLength = *n;
+        } else {
+          kj::throwFatalException(malformed("invalid Content-Length"));
+        }
+      });
+      if (contentLength == nullptr) kj::throwFatalException(malformed("invalid Content-Length"));
+    } else if (equalsIgnoreCase(name, "transfer-encoding")) {
+      hasTransferEncoding = true;
+      forEachToken(value, [&](kj::ArrayPtr<const char> token) {
+        chunked = equalsIgnoreCase(token, "chunked");  // only the last coding matters
+      });
+    } else if (equalsIgnoreCase(name, "connection")) {
+      forEachToken(value, [&](kj::ArrayPtr<const char> token) {
+        if (equalsIgnoreCase(token, "close")) head.connectionClose = true;
+        if (equalsIgnoreCase(token, "keep-alive")) head.keepAlive = true;
+      });
+    }
+  }
+
+  if (status < 200 || status == 204 || status == 304 || method == kj::HttpMethod::HEAD) {
+    return;  // no body; parseHeaderBlock() completes the response
+  }
+  if (hasTransferEncoding) {
+    head.conflictingFraming = contentLength != nullptr;
+    if (chunked) {
+      state = State::CHUNK_LINE;
+    } else {
+      state = State::UNTIL_EOF;
+      remaining = UINT64_MAX;
+    }
+  } else KJ_IF_MAYBE(n, contentLength) {
+    remaining = *n;
+    state = State::LENGTH;
+    if (*n == 0) {
+      state = State::COMPLETE;
+      head.noBody = true;
+      // messageEnd is set by the caller's bookkeeping below.
+    }
+  } else {
+    state = State::UNTIL_EOF;
+    remaining = UINT64_MAX;
+  }
+  // Set positions for the body states; the caller sets parsed/limit to the end of the block.
+  lineStart = static_cast<size_t>(block.end() - reinterpret_cast<const char*>(buffer.begin()));
+  if (state == State::COMPLETE) messageEnd = lineStart;
+}
+
+void ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {
+  // chunk-size [ chunk-ext ] CRLF, where chunk-size is hex.
+  auto text = trim(line);
+  size_t i = 0;
+  uint64_t size = 0;
+  while (i < text.size()) {
+    char c = lower(text[i]);
+    unsigned digit;
+    if ('0' <= c && c <= '9') {
+      digit = c - '0';
+    } else if ('a' <= c && c <= 'f') {
+      digit = c - 'a' + 10;
+    } else {
+      break;
+    }
+    if (size >> 56) kj::throwFatalException(malformed("chunk size too large"));
+    size = size * 16 + digit;
+    i++;
+  }
+  if (i == 0) kj::throwFatalException(malformed("invalid chunk-size line"));
+  auto rest = trim(text.slice(i, text.size()));
+  if (rest.size() > 0 && rest[0] != ';') {
+    kj::throwFatalException(malformed("invalid chunk-size line"));
+  }
+  remaining = size;
+}
+
+bool ResponseFramer::parseTrailerLine() {
+  const char* chars = reinterpret_cast<const char*>(buffer.begin());
+  auto nl = reinterpret_cast<const char*>(memchr(chars + parsed, '\n', end - parsed));
+  if (nl == nullptr) {
+    trailerBytes += end - parsed;
+    parsed = end;
+    if (trailerBytes > limits.maxTrailerBytes) {
+      kj::throwFatalException(malformed("trailer section too large"));
+    }
+    return false;
+  }
+  size_t lineEnd = nl - chars;
+  trailerBytes += lineEnd + 1 - parsed;
+  auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
+  parsed = lineEnd + 1;
+  lineStart = parsed;
+  if (line.size() == 0) {
+    messageEnd = parsed;
+    state = State::COMPLETE;
+  } else if (trailerBytes > limits.maxTrailerBytes) {
+    kj::throwFatalException(malformed("trailer section too large"));
+  }
+  return true;
+}
+
+}  // namespace sockfetch

@@ -1,0 +1,691 @@
+#include "stream-fetcher.h"
+
+#include <sockfetch/kj-compat.h>
+#include <sockfetch/test-util.h>
+
+#include <kj/debug.h>
+#include <kj/test.h>
+
+namespace sockfetch {
+namespace {
+
+using test::Peer;
+
+struct Env {
+  // One event loop, one connection (pipe or loopback TCP), a fetcher on the client end and a
+  // scripted peer on the other. Members in dependency order.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::WaitScope& ws = io.waitScope;
+  kj::HttpHeaderTable table;
+  kj::Own<StreamFetcher> fetcher;
+  kj::Own<Peer> peer;
+
+  explicit Env(bool tcp) {
+    auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
+    fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table);
+    peer = kj::heap<Peer>(ws, kj::mv(transport.server));
+  }
+
+  kj::HttpHeaders headers() {
+    kj::HttpHeaders h(table);
+    h.set(kj::HttpHeaderId::HOST, "test.local");
+    return h;
+  }
+
+  kj::HttpClient::Request get(kj::StringPtr url = "/") {
+    return fetcher->request(kj::HttpMethod::GET, url, headers());
+  }
+
+  struct Result {
+    unsigned status;
+    kj::String body;
+    kj::String request;  // what the peer received
+  };
+
+  Result exchange(kj::HttpMethod method, kj::StringPtr url, kj::StringPtr response,
+      kj::Maybe<kj::StringPtr> requestBody = nullptr) {
+    // One full exchange: request (with an optional fixed-length body), scripted response, body
+    // read to its end.
+    auto h = headers();
+    kj::Maybe<uint64_t> size;
+    KJ_IF_MAYBE(b, requestBody) size = b->size();
+    auto req = fetcher->request(method, url, h, size);
+    KJ_IF_MAYBE(b, requestBody) {
+      auto write = writeAll(*req.body, b->asBytes());
+      auto request = peer->readRequest();
+      write.wait(ws);
+      req.body = nullptr;
+      return finish(kj::mv(req.response), kj::mv(request), response);
+    }
+    req.body = nullptr;
+    auto request = peer->readRequest();
+    return finish(kj::mv(req.response), kj::mv(request), response);
+  }
+
+  Result finish(kj::Promise<kj::HttpClient::Response> promise, kj::String request,
+      kj::StringPtr response) {
+    auto written = peer->sendLater(response);
+    auto r = promise.wait(ws);
+    auto body = r.body->readAllText().wait(ws);
+    written.wait(ws);
+    return Result{r.statusCode, kj::mv(body), kj::mv(request)};
+  }
+
+  kj::StringPtr anyReason() {
+    KJ_IF_MAYBE(reason, fetcher->getCloseReason()) return *reason;
+    return "(not closed)";
+  }
+
+  kj::StringPtr closeReason() {
+    return KJ_ASSERT_NONNULL(fetcher->getCloseReason());
+  }
+};
+
+#define BOTH_TRANSPORTS(name, description) \
+  void name(Env& env); \
+  class name##OnPipe: public ::kj::TestCase { \
+  public: \
+    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (pipe)") {} \
+    void run() override { \
+      Env env(false); \
+      name(env); \
+    } \
+  } name##OnPipeInstance; \
+  class name##OnTcp: public ::kj::TestCase { \
+  public: \
+    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (tcp)") {} \
+    void run() override { \
+      Env env(true); \
+      name(env); \
+    } \
+  } name##OnTcpInstance; \
+  void name(Env& env)
+// Defines one behaviour as two KJ tests: over an in-process pipe and over loopback TCP.
+
+constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
+  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
+}
+
+// =================================================================================================
+// The basics
+
+BOTH_TRANSPORTS(oneRequest, "StreamFetcher performs one GET") {
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  auto r = env.exchange(kj::HttpMethod::GET, "/hello", OK_HELLO);
+  KJ_EXPECT(r.status == 200);
+  KJ_EXPECT(r.body == "hello", env.anyReason());
+  KJ_EXPECT(r.request.startsWith("GET /hello HTTP/1.1\r\n"), r.request);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 1);
+}
+
+BOTH_TRANSPORTS(json, "StreamFetcher returns a JSON response with its headers") {
+  auto req = env.get("/api");
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater(
+      "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+      "{\"ok\":true,\"n\":1}");
+  auto r = req.response.wait(env.ws);
+  KJ_EXPECT(r.statusCode == 200);
+  KJ_EXPECT(r.statusText == "OK");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(r.headers->get(kj::HttpHeaderId::CONTENT_TYPE)) ==
+      "application/json");
+  KJ_EXPECT(r.body->readAllText().wait(env.ws) == "{\"ok\":true,\"n\":1}");
+  written.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+}
+
+BOTH_TRANSPORTS(postContentLength, "StreamFetcher POSTs a Content-Length body and reuses") {
+  for (int i = 0; i < 3; i++) {
+    auto r = env.exchange(kj::HttpMethod::POST, "/echo",
+        "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nechoed!", "payload"_kj);
+    KJ_EXPECT(r.request.startsWith("POST /echo HTTP/1.1\r\n"));
+    KJ_EXPECT(contains(r.request, "Content-Length: 7"), r.request);
+    KJ_EXPECT(r.request.endsWith("\r\n\r\npayload"), r.request);
+    KJ_EXPECT(r.body == "echoed!");
+  }
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 3);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+}
+
+BOTH_TRANSPORTS(postChunked, "StreamFetcher POSTs a chunked body, gets a chunked echo, reuses") {
+  for (int i = 0; i < 3; i++) {
+    auto req = env.fetcher->request(kj::HttpMethod::POST, "/echo", env.headers());
+    auto w1 = writeAll(*req.body, "abc"_kj.asBytes());
+    auto head = env.peer->readHead();
+    KJ_EXPECT(contains(head, "Transfer-Encoding: chunked"), head);
+    KJ_EXPECT(env.peer->readExactly(8) == "3\r\nabc\r\n");
+    w1.wait(env.ws);
+    auto w2 = writeAll(*req.body, "defg"_kj.asBytes());
+    KJ_EXPECT(env.peer->readExactly(9) == "4\r\ndefg\r\n");
+    w2.wait(env.ws);
+    req.body = nullptr;  // finishes the body: kj writes the last chunk
+    KJ_EXPECT(env.peer->readExactly(5) == "0\r\n\r\n");
+    auto written = env.peer->sendLater("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n");
+    auto r = req.response.wait(env.ws);
+    KJ_EXPECT(r.body->readAllText().wait(env.ws) == "abcdefg");
+    written.wait(env.ws);
+    KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  }
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 3);
+}
+
+BOTH_TRANSPORTS(customHeaders, "StreamFetcher sends custom request headers, reads custom ones") {
+  auto h = env.headers();
+  h.add("X-Request-Id", "abc-123");
+  auto req = env.fetcher->request(kj::HttpMethod::GET, "/", h);
+  req.body = nullptr;
+  auto head = env.peer->readRequest();
+  KJ_EXPECT(contains(head, "X-Request-Id: abc-123\r\n"), head);
+  auto written = env.peer->sendLater(
+      "HTTP/1.1 200 OK\r\nX-Upstream: yes\r\nX-Multi: a\r\nContent-Length: 0\r\n\r\n");
+  auto r = req.response.wait(env.ws);
+  kj::HttpHeaderTable::Builder unused;
+  bool sawUpstream = false;
+  r.headers->forEach([&](kj::StringPtr name, kj::StringPtr value) {
+    if (name == "X-Upstream" && value == "yes") sawUpstream = true;
+  });
+  KJ_EXPECT(sawUpstream);
+  written.wait(env.ws);
+}
+
+BOTH_TRANSPORTS(errorStatuses, "StreamFetcher passes 404 and 500 through and keeps the connection") {
+  auto r1 = env.exchange(kj::HttpMethod::GET, "/missing",
+      "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found");
+  KJ_EXPECT(r1.status == 404);
+  KJ_EXPECT(r1.body == "not found");
+  auto r2 = env.exchange(kj::HttpMethod::GET, "/boom",
+      "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom");
+  KJ_EXPECT(r2.status == 500);
+  KJ_EXPECT(r2.body == "boom");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 2);
+}
+
+BOTH_TRANSPORTS(manySequential, "StreamFetcher serves 300 sequential requests on one connection") {
+  // The peer is the only end of the one connection: every request it reads came through it.
+  for (int i = 0; i < 300; i++) {
+    auto body = kj::str("response ", i);
+    auto r = env.exchange(kj::HttpMethod::GET, kj::str("/n/", i),
+        kj::str("HTTP/1.1 200 OK\r\nContent-Length: ", body.size(), "\r\n\r\n", body));
+    KJ_ASSERT(r.request.startsWith(kj::str("GET /n/", i, " HTTP/1.1\r\n")), r.request);
+    KJ_ASSERT(r.body == body);
+  }
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 300);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+}
+
+// =================================================================================================
+// One request at a time
+
+BOTH_TRANSPORTS(concurrentRefused, "StreamFetcher refuses a concurrent request, writing nothing") {
+  auto first = env.get("/first");
+  first.body = nullptr;
+  auto head = env.peer->readRequest();
+  KJ_EXPECT(head.startsWith("GET /first "));
+
+  KJ_EXPECT_THROW_MESSAGE("one request at a time", env.get("/second"));
+  KJ_EXPECT_THROW_MESSAGE("ConnectionPool", env.get("/second"));
+  KJ_EXPECT(env.peer->readWouldBlock(), "a refused request wrote to the wire");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::BUSY);
+
+  // The first exchange is untouched.
+  auto r = env.finish(kj::mv(first.response), kj::mv(head), OK_HELLO);
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/third", OK_HELLO).body == "hello");
+}
+
+BOTH_TRANSPORTS(unreadBodyRefused,
+    "StreamFetcher refuses the next request while a body is unread, then drops the connection") {
+  auto first = env.get("/first");
+  first.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel");
+  auto r = first.response.wait(env.ws);
+  KJ_EXPECT_THROW_MESSAGE("one request at a time", env.get("/second"));
+  KJ_EXPECT(env.peer->readWouldBlock());
+  r.body = nullptr;  // dropped before its end
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "dropped before its end"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("dropped before its end", env.get("/third"));
+  written.wait(env.ws);
+  KJ_EXPECT(env.peer->readWouldBlock() || env.peer->sawEof());
+}
+
+// =================================================================================================
+// Connection failures
+
+BOTH_TRANSPORTS(peerDiesMidRequest, "StreamFetcher reports a peer that closes mid-response") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  env.peer->send("HTTP/1.1 200 OK\r\nContent-Le");
+  env.peer->close();
+  KJ_EXPECT_THROW_MESSAGE("malformed", req.response.wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "previous request failed"), env.closeReason());
+  KJ_EXPECT_THROW(DISCONNECTED, env.get());
+}
+
+BOTH_TRANSPORTS(peerDiesMidBody, "StreamFetcher reports a peer that closes mid-body") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf");
+  auto r = req.response.wait(env.ws);
+  auto text = r.body->readAllText();
+  written.wait(env.ws);
+  env.peer->close();
+  KJ_EXPECT_THROW_MESSAGE("before the end of the response body", text.wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+}
+
+BOTH_TRANSPORTS(peerNeverAnswers, "StreamFetcher lets the caller time out a silent peer") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto timeout = env.io.provider->getTimer().afterDelay(50 * kj::MILLISECONDS)
+      .then([]() -> kj::HttpClient::Response {
+    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, "timed out"));
+  });
+  KJ_EXPECT_THROW_MESSAGE("timed out", req.response.exclusiveJoin(kj::mv(timeout)).wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "cancelled before its response"), env.closeReason());
+}
+
+BOTH_TRANSPORTS(malformedChunk, "StreamFetcher drops the connection on a malformed chunked body") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater(
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n");
+  auto r = req.response.wait(env.ws);
+  KJ_EXPECT_THROW_MESSAGE("chunk", r.body->readAllText().wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  r.body = nullptr;
+  env.peer->close();
+}
+
+// =================================================================================================
+// When reuse ends
+
+BOTH_TRANSPORTS(connectionClose, "StreamFetcher drops the connection after Connection: close") {
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello");
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "Connection: close"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("Connection: close", env.get());
+  KJ_EXPECT(env.peer->sawEof(), "the dropped connection was not closed");
+}
+
+BOTH_TRANSPORTS(http10, "StreamFetcher treats HTTP/1.0 as reusable only with keep-alive") {
+  auto r1 = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello");
+  KJ_EXPECT(r1.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  auto r2 = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+  KJ_EXPECT(r2.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "HTTP/1.0"), env.closeReason());
+}
+
+BOTH_TRANSPORTS(eofDelimited, "StreamFetcher reads a body delimited by EOF, then is closed") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\n\r\nuntil the end");
+  auto r = req.response.wait(env.ws);
+  sent.wait(env.ws);
+  auto text = r.body->readAllText();
+  env.peer->close();
+  KJ_EXPECT(text.wait(env.ws) == "until the end");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "delimited by the server closing"), env.closeReason());
+}
+
+// =================================================================================================
+// Interim responses, bodiless responses, upgrades
+
+BOTH_TRANSPORTS(continue100, "StreamFetcher skips 100 Continue and reuses the connection") {
+  auto h = env.headers();
+  h.add("Expect", "100-continue");
+  auto req = env.fetcher->request(kj::HttpMethod::POST, "/upload", h, uint64_t(4));
+  auto head = env.peer->readHead();
+  KJ_EXPECT(contains(head, "Expect: 100-continue"));
+  auto interim = env.peer->sendLater("HTTP/1.1 100 Continue\r\n\r\n");
+  auto write = writeAll(*req.body, "data"_kj.asBytes());
+  KJ_EXPECT(env.peer->readExactly(4) == "data");
+  write.wait(env.ws);
+  req.body = nullptr;
+  interim.wait(env.ws);
+  auto r = env.finish(kj::mv(req.response), kj::mv(head),
+      "HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok");
+  KJ_EXPECT(r.status == 201);
+  KJ_EXPECT(r.body == "ok");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+}
+
+BOTH_TRANSPORTS(earlyHints103, "StreamFetcher skips 103 Early Hints (and several 1xx)") {
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+      "HTTP/1.1 102 Processing\r\n\r\n"
+      "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+  KJ_EXPECT(r.status == 200);
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+}
+
+BOTH_TRANSPORTS(bodiless, "StreamFetcher treats HEAD, 204 and 304 as bodiless and reuses at once") {
+  {
+    auto req = env.fetcher->request(kj::HttpMethod::HEAD, "/", env.headers());
+    req.body = nullptr;
+    env.peer->readRequest();
+    auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n");
+    auto r = req.response.wait(env.ws);
+    sent.wait(env.ws);
+    KJ_EXPECT(r.statusCode == 200);
+    // The connection is back before the (empty) body is even looked at.
+    KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+    KJ_EXPECT(KJ_ASSERT_NONNULL(r.headers->get(kj::HttpHeaderId::CONTENT_LENGTH)) == "1234");
+    KJ_EXPECT(r.body->readAllText().wait(env.ws) == "");
+  }
+  auto r204 = env.exchange(kj::HttpMethod::GET, "/", "HTTP/1.1 204 No Content\r\n\r\n");
+  KJ_EXPECT(r204.status == 204);
+  KJ_EXPECT(r204.body == "");
+  auto r304 = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n");
+  KJ_EXPECT(r304.status == 304);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 3);
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+}
+
+BOTH_TRANSPORTS(webSocketUpgrade,
+    "StreamFetcher hands the connection to a WebSocket on 101, keeping bytes after the 101") {
+  auto h = env.headers();
+  auto promise = env.fetcher->openWebSocket("/ws", h);
+  auto head = env.peer->readHead();
+  KJ_EXPECT(head.startsWith("GET /ws HTTP/1.1\r\n"), head);
+  auto keyStart = strstr(head.cStr(), "Sec-WebSocket-Key: ");
+  KJ_ASSERT(keyStart != nullptr, head);
+  keyStart += strlen("Sec-WebSocket-Key: ");
+  auto key = kj::heapString(keyStart, strchr(keyStart, '\r') - keyStart);
+  // The 101 and the first frame (unmasked text "hi") in one write.
+  auto written = env.peer->sendLater(kj::str("HTTP/1.1 101 Switching Protocols\r\n"
+      "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+      test::webSocketAccept(key), "\r\n\r\n\x81\x02hi"));
+  auto response = promise.wait(env.ws);
+  KJ_EXPECT(response.statusCode == 101);
+  auto& socket = *KJ_ASSERT_NONNULL(response.webSocketOrBody.tryGet<kj::Own<kj::WebSocket>>());
+  auto message = socket.receive().wait(env.ws);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(message.tryGet<kj::String>()) == "hi");
+  written.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "upgraded"), env.closeReason());
+  // The WebSocket owns the connection: a reply reaches the peer (masked client frame, 2 + 4 + 2).
+  auto sent = socket.send("yo"_kj);
+  KJ_EXPECT(env.peer->readExactly(8).size() == 8);
+  sent.wait(env.ws);
+}
+
+// =================================================================================================
+// Chunked framing
+
+BOTH_TRANSPORTS(chunkedTrailers, "StreamFetcher consumes chunked trailers before reuse") {
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+      "5\r\nhello\r\n0\r\nX-Checksum: 1234\r\nX-Other: y\r\n\r\n");
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 2);
+}
+
+BOTH_TRANSPORTS(chunkedLateCrlf,
+    "StreamFetcher waits for a chunked terminator's CRLF sent later before reuse") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n");
+  auto r = req.response.wait(env.ws);
+  sent.wait(env.ws);
+  auto text = r.body->readAllText();
+  KJ_EXPECT(!text.poll(env.ws), "body ended before the final CRLF arrived");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::BUSY);
+  env.peer->sendLater("\r\n").wait(env.ws);
+  KJ_EXPECT(text.wait(env.ws) == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+}
+
+// =================================================================================================
+// Poisoning
+
+BOTH_TRANSPORTS(extraBytesSameWrite,
+    "StreamFetcher drops the connection when bytes follow the response in the same write") {
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+      "\r\nbad");
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "after the end of the response"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("poisoned", env.get());
+}
+
+BOTH_TRANSPORTS(unsolicitedWhileIdle,
+    "StreamFetcher drops an idle connection on which the server sends unsolicited bytes") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  auto unsolicited = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad");
+  // Not even one more turn of the event loop: the next request must still not see these bytes.
+  auto req = env.get();
+  req.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("poisoned", req.response.wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  // The request itself was never written.
+  unsolicited = nullptr;
+  KJ_EXPECT(env.peer->sawEof(), "the request was written to a poisoned connection");
+}
+
+BOTH_TRANSPORTS(unsolicitedWhileIdleLater,
+    "StreamFetcher notices unsolicited bytes on an idle connection by itself") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  auto unsolicited = env.peer->sendLater("garbage");
+  env.io.provider->getTimer().afterDelay(10 * kj::MILLISECONDS).wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "idle connection"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("poisoned", env.get());
+  unsolicited = nullptr;
+  KJ_EXPECT(env.peer->sawEof(), "the poisoned connection was not closed");
+}
+
+BOTH_TRANSPORTS(peerClosesIdle, "StreamFetcher notices the peer closing the idle connection") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  env.peer->close();
+  // Requested right away: noticed before the request is written.
+  auto req = env.get();
+  req.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("closed the idle connection", req.response.wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT_THROW(DISCONNECTED, env.get());
+}
+
+BOTH_TRANSPORTS(peerClosesIdleLater, "StreamFetcher notices an idle close by itself") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  env.peer->close();
+  env.io.provider->getTimer().afterDelay(10 * kj::MILLISECONDS).wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(env.closeReason() == "the server closed the idle connection", env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("the server closed the idle connection", env.get());
+}
+
+// =================================================================================================
+// Cancellation
+
+BOTH_TRANSPORTS(cancelDuringRequestBody,
+    "StreamFetcher drops the connection when the request body is abandoned") {
+  {
+    auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
+    auto write = writeAll(*req.body, "12345"_kj.asBytes());
+    env.peer->readHead();
+    KJ_EXPECT(env.peer->readExactly(5) == "12345");
+    write.wait(env.ws);
+    // Caller gives up: body and response dropped with 5 of 10 bytes written.
+  }
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "5 of its 10 bytes"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("5 of its 10 bytes", env.get());
+}
+
+BOTH_TRANSPORTS(cancelDuringHeaders,
+    "StreamFetcher drops the connection when the response is cancelled during its headers") {
+  {
+    auto req = env.get();
+    req.body = nullptr;
+    env.peer->readRequest();
+    auto partial = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-");
+    KJ_EXPECT(!req.response.poll(env.ws));
+    partial.wait(env.ws);
+  }
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "cancelled before its response"), env.closeReason());
+  KJ_EXPECT(env.peer->sawEof());
+}
+
+BOTH_TRANSPORTS(cancelDuringBody,
+    "StreamFetcher drops the connection when a body read is cancelled") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome");
+  auto r = req.response.wait(env.ws);
+  sent.wait(env.ws);
+  {
+    auto text = r.body->readAllText();
+    KJ_EXPECT(!text.poll(env.ws));
+  }  // read cancelled
+  r.body = nullptr;
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "dropped before its end"), env.closeReason());
+  KJ_EXPECT(env.peer->sawEof());
+}
+
+BOTH_TRANSPORTS(earlyResponse,
+    "StreamFetcher drops the connection when the response ends before the request body") {
+  auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
+  auto write = writeAll(*req.body, "12345"_kj.asBytes());
+  env.peer->readHead();
+  KJ_EXPECT(env.peer->readExactly(5) == "12345");
+  write.wait(env.ws);
+  auto written = env.peer->sendLater(
+      "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig");
+  auto r = req.response.wait(env.ws);
+  KJ_EXPECT(r.statusCode == 413);
+  KJ_EXPECT(r.body->readAllText().wait(env.ws) == "big");
+  written.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(contains(env.closeReason(), "5 of the 10 request body bytes"), env.closeReason());
+  KJ_EXPECT_THROW_MESSAGE("request is over", req.body->write("x", 1).wait(env.ws));
+}
+
+// =================================================================================================
+// release()
+
+BOTH_TRANSPORTS(releaseKeepsReadAhead, "StreamFetcher::release() loses no byte already read") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  auto sent = env.peer->sendLater("after the response");
+  // The idle watch may already have read part of it: release() must hand all of it back.
+  auto stream = env.fetcher->release();
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::RELEASED);
+  char buffer[64];
+  size_t n = stream->tryRead(buffer, 18, sizeof(buffer)).wait(env.ws);
+  KJ_EXPECT(kj::heapString(buffer, n) == "after the response");
+  sent.wait(env.ws);
+  // And the stream is fully usable in both directions.
+  auto w = writeAll(*stream, "ping"_kj.asBytes());
+  KJ_EXPECT(env.peer->readExactly(4) == "ping");
+  w.wait(env.ws);
+  KJ_EXPECT_THROW_MESSAGE("release()", env.get());
+}
+
+BOTH_TRANSPORTS(releaseWhileBusy, "StreamFetcher::release() refuses while busy") {
+  auto req = env.get();
+  req.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("idle StreamFetcher", env.fetcher->release());
+  env.peer->readRequest();
+  auto r = env.finish(kj::mv(req.response), kj::str(), OK_HELLO);
+  KJ_EXPECT(r.body == "hello");
+  auto stream = env.fetcher->release();
+  KJ_EXPECT(env.peer->readWouldBlock());
+}
+
+// =================================================================================================
+// Destruction in any order
+
+BOTH_TRANSPORTS(destroyFetcherWithResponseInFlight,
+    "StreamFetcher may be destroyed while a response is in flight") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  env.fetcher = nullptr;
+  auto r = env.finish(kj::mv(req.response), kj::str(), OK_HELLO);
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.peer->sawEof(), "connection not closed after its fetcher went away");
+}
+
+BOTH_TRANSPORTS(destroyFetcherBeforeBody, "StreamFetcher's response body may outlive it") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater(OK_HELLO);
+  auto r = req.response.wait(env.ws);
+  env.fetcher = nullptr;
+  KJ_EXPECT(r.body->readAllText().wait(env.ws) == "hello");
+  written.wait(env.ws);
+  r.body = nullptr;
+  KJ_EXPECT(env.peer->sawEof());
+}
+
+BOTH_TRANSPORTS(destroyEverythingEarly,
+    "StreamFetcher survives every piece being dropped in every order") {
+  // Request body, response promise, response body and fetcher, dropped in various orders at
+  // various moments; ASan checks the memory side.
+  {
+    auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers());
+    env.fetcher = nullptr;
+    req.response = nullptr;
+    req.body = nullptr;
+  }
+  {
+    Env second(false);
+    auto req = second.fetcher->request(kj::HttpMethod::POST, "/", second.headers());
+    req.body = nullptr;
+    second.peer->readRequest();
+    auto written = second.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel");
+    auto r = req.response.wait(second.ws);
+    second.fetcher = nullptr;
+    auto read = r.body->readAllText();
+    KJ_EXPECT(!read.poll(second.ws));
+    r.body = nullptr;
+    read = nullptr;
+  }
+  {
+    Env third(true);
+    auto req = third.get();
+    req.response = nullptr;  // response promise first, body stream still held
+    KJ_EXPECT(third.fetcher->getState() == StreamFetcher::State::CLOSED);
+    req.body = nullptr;
+    third.fetcher = nullptr;
+  }
+}
+
+}  // namespace
+}  // namespace sockfetch

@@ -1,0 +1,517 @@
+#include "stream-fetcher.h"
+
+#include <sockfetch/framed-stream.h>
+#include <sockfetch/kj-compat.h>
+
+#include <kj/debug.h>
+#include <sys/random.h>
+
+namespace sockfetch {
+
+namespace {
+
+class SystemEntropySource final: public kj::EntropySource {
+  // The operating system's randomness, for WebSocket handshake keys.
+public:
+  void generate(kj::ArrayPtr<kj::byte> buffer) override {
+    size_t done = 0;
+    while (done < buffer.size()) {
+      ssize_t n;
+      KJ_SYSCALL(n = getrandom(buffer.begin() + done, buffer.size() - done, 0));
+      done += n;
+    }
+  }
+};
+
+}  // namespace
+
+// =================================================================================================
+// Exchange: the guard. It owns the connection and the per-fetch kj::HttpClient for one exchange,
+// and is shared (refcounted) by the request body, the response promise and the response body, so
+// it lives exactly as long as any of them. Members are declared so that the client is destroyed
+// before the stream it writes to, and the guards destroy kj's body streams (which point into the
+// client) before they drop their reference.
+
+class StreamFetcher::Exchange final: public kj::Refcounted {
+public:
+  enum class RequestBodyKind { NONE, FIXED, CHUNKED };
+
+  Exchange(StreamFetcher& fetcher, kj::Own<FramedStream> streamParam,
+      const kj::HttpHeaderTable& table, kj::HttpClientSettings settings)
+      : fetcher(fetcher), stream(kj::mv(streamParam)),
+        client(kj::newHttpClient(table, *stream, kj::mv(settings))) {}
+
+  ~Exchange() noexcept(false) {
+    if (!done) fail(kj::str("the exchange was abandoned before its response body was read to the "
+        "end"));
+  }
+
+  void fail(kj::String reason) {
+    // The connection must not be reused. The fetcher is told now; the connection itself is closed
+    // when the last of the request body, response promise and response body is dropped.
+    if (done) return;
+    done = true;
+    KJ_IF_MAYBE(f, fetcher) {
+      fetcher = nullptr;
+      f->exchangeFailed(kj::mv(reason));
+    }
+  }
+
+  void succeed();
+  // The response was read to its end and is complete: hands the connection back if the exchange
+  // left it clean, fails otherwise.
+
+  void detachFetcher() { fetcher = nullptr; }
+
+  kj::Maybe<kj::String> whyRequestIncomplete();
+
+  kj::HttpClient::Response onResponse(kj::HttpClient::Response&& response);
+  kj::HttpClient::WebSocketResponse onWebSocketResponse(
+      kj::HttpClient::WebSocketResponse&& response);
+
+  kj::Maybe<StreamFetcher&> fetcher;
+  kj::Own<FramedStream> stream;
+  kj::Own<kj::HttpClient> client;  // points into `stream`: declared after it
+  kj::Maybe<RequestBody&> requestBody;
+  RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
+  uint64_t requestBodyExpected = 0;
+  uint64_t requestBodyWritten = 0;
+  bool requestBodyDropped = false;
+  bool responded = false;
+  bool done = false;
+};
+
+// =================================================================================================
+// RequestBody: wraps kj's request body stream to count what reached the connection.
+
+class StreamFetcher::RequestBody final: public kj::AsyncOutputStream {
+public:
+  RequestBody(kj::Own<Exchange> exchangeParam, kj::Own<kj::AsyncOutputStream> inner)
+      : exchange(kj::mv(exchangeParam)), inner(kj::mv(inner)) {
+    exchange->requestBody = *this;
+  }
+
+  ~RequestBody() noexcept(false) {
+    exchange->requestBody = nullptr;
+    exchange->requestBodyDropped = true;
+    if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
+        exchange->requestBodyWritten < exchange->requestBodyExpected && inner.get() != nullptr) {
+      exchange->fail(kj::str("the request body was dropped after ", exchange->requestBodyWritten,
+          " of its ", exchange->requestBodyExpected, " bytes were written"));
+    }
+    // Dropping kj's body now writes the chunked terminator, or marks a short fixed-length body
+    // as aborted.
+    inner = nullptr;
+  }
+
+  void detach() {
+    // The exchange is over: kj's body stream points into the client about to be destroyed.
+    inner = nullptr;
+  }
+
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return getInner().write(buffer, size).then([this, size]() {
+      exchange->requestBodyWritten += size;
+    });
+  }
+
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    size_t size = 0;
+    for (auto& piece: pieces) size += piece.size();
+    return getInner().write(pieces).then([this, size]() {
+      exchange->requestBodyWritten += size;
+    });
+  }
+
+  kj::Promise<void> whenWriteDisconnected() override {
+    return getInner().whenWriteDisconnected();
+  }
+
+private:
+  kj::Own<Exchange> exchange;
+  kj::Own<kj::AsyncOutputStream> inner;  // points into exchange->client: declared after it
+
+  kj::AsyncOutputStream& getInner() {
+    KJ_REQUIRE(inner.get() != nullptr,
+        "this request is over (its response was read to the end); the request body can no "
+        "longer be written");
+    return *inner;
+  }
+};
+
+// =================================================================================================
+// ResponseBody: wraps kj's response body; at its end completes the exchange. It also owns copies
+// of the response's status text and headers, which kj keeps in the client's buffer.
+
+class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
+public:
+  ResponseBody(kj::Own<Exchange> exchangeParam, kj::HttpClient::Response& response)
+      : exchange(kj::mv(exchangeParam)), statusText(kj::heapString(response.statusText)),
+        headers(kj::heap(response.headers->clone())), inner(kj::mv(response.body)) {}
+
+  ~ResponseBody() noexcept(false) {
+    if (!atEnd) exchange->fail(kj::str("the response body was dropped before its end"));
+    inner = nullptr;  // before the exchange (and so the client) might go
+  }
+
+  kj::StringPtr getStatusText() { return statusText; }
+  const kj::HttpHeaders& getHeaders() { return *headers; }
+
+  void finishNow() {
+    // For a response without a body: it ends right away (and synchronously: the framer already
+    // holds the complete response).
+    KJ_ASSERT(exchange->stream->getFramer().isComplete());
+    reachedEnd();
+  }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    if (atEnd) return size_t(0);
+    KJ_IF_MAYBE(failure, readFailure) {
+      return cloneException(*failure);
+    }
+    KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
+    return inner->tryRead(buffer, minBytes, maxBytes)
+        .then([this, minBytes](size_t n) -> kj::Promise<size_t> {
+      // A short read is the end; so is a fixed-length body with nothing left (a reader that
+      // asked for exactly the remaining length will not ask again).
+      bool end = n < minBytes;
+      if (!end) {
+        KJ_IF_MAYBE(left, inner->tryGetLength()) {
+          end = *left == 0;
+        }
+      }
+      if (!end) return n;
+      return reachedEnd().then([n]() { return n; });
+    }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+      exchange->fail(kj::str("reading the previous response body failed: ", e.getDescription()));
+      return kj::mv(e);
+    });
+  }
+
+  kj::Maybe<uint64_t> tryGetLength() override {
+    if (atEnd) return uint64_t(0);
+    if (inner.get() == nullptr) return nullptr;
+    return inner->tryGetLength();
+  }
+
+private:
+  kj::Own<Exchange> exchange;
+  kj::String statusText;
+  kj::Own<kj::HttpHeaders> headers;
+  kj::Own<kj::AsyncInputStream> inner;  // points into exchange->client: declared after it
+  kj::Maybe<kj::Exception> readFailure;
+  bool atEnd = false;
+
+  kj::Promise<void> reachedEnd() {
+    // kj's body is done with the connection; drop it before the client goes.
+    inner = nullptr;
+    if (exchange->done) {
+      // Already failed (or upgraded): nothing more to finish.
+      atEnd = true;
+      return kj::READY_NOW;
+    }
+    if (exchange->stream->getFramer().isComplete()) {
+      atEnd = true;
+      exchange->succeed();
+      return kj::READY_NOW;
+    }
+    return exchange->stream->finishResponse().then([this]() {
+      atEnd = true;
+      exchange->succeed();
+    }, [this](kj::Exception&& e) {
+      exchange->fail(kj::str("the previous response was malformed: ", e.getDescription()));
+      readFailure = cloneException(e);
+      kj::throwFatalException(kj::mv(e));
+    });
+  }
+};
+
+// =================================================================================================
+// IdleWatch: hears about the idle connection being lost, and logs failures of deferred drops.
+
+class StreamFetcher::IdleWatch final: public FramedStream::IdleListener,
+                                      public kj::TaskSet::ErrorHandler {
+public:
+  explicit IdleWatch(StreamFetcher& fetcher): fetcher(fetcher) {}
+
+  void idleConnectionLost(kj::String reason) override {
+    fetcher.closeIdle(kj::mv(reason));
+  }
+
+  void taskFailed(kj::Exception&& exception) override {
+    KJ_LOG(ERROR, "closing a dropped connection failed", exception);
+  }
+
+private:
+  StreamFetcher& fetcher;
+};
+
+// =================================================================================================
+// Exchange methods
+
+kj::Maybe<kj::String> StreamFetcher::Exchange::whyRequestIncomplete() {
+  if (stream->getWritesInFlight() > 0) {
+    return kj::str("the response ended while part of the request was still being written");
+  }
+  if (stream->getWritesCompleted() == 0) {
+    return kj::str("the response ended before the request was written");
+  }
+  switch (requestBodyKind) {
+    case RequestBodyKind::NONE:
+      break;
+    case RequestBodyKind::FIXED:
+      if (requestBodyWritten < requestBodyExpected) {
+        return kj::str("the response ended after only ", requestBodyWritten, " of the ",
+            requestBodyExpected, " request body bytes were written");
+      }
+      break;
+    case RequestBodyKind::CHUNKED:
+      if (!requestBodyDropped) {
+        return kj::str("the response ended before the chunked request body was finished (drop "
+            "the request body stream once it is written)");
+      }
+      if (!stream->sawChunkedTerminator()) {
+        return kj::str("the response ended before the chunked request body's terminator was "
+            "written");
+      }
+      break;
+  }
+  return nullptr;
+}
+
+void StreamFetcher::Exchange::succeed() {
+  if (done) return;
+  auto& framer = stream->getFramer();
+  KJ_IF_MAYBE(why, framer.whyNotReusable()) {
+    return fail(kj::str(*why));
+  }
+  KJ_IF_MAYBE(why, whyRequestIncomplete()) {
+    return fail(kj::mv(*why));
+  }
+  framer.finish();
+  if (framer.residueSize() > 0) {
+    return fail(kj::str("the server sent ", framer.residueSize(),
+        " bytes after the end of the response, so the connection was dropped as poisoned"));
+  }
+  done = true;
+  KJ_IF_MAYBE(body, requestBody) {
+    body->detach();
+  }
+  client = nullptr;
+  KJ_IF_MAYBE(f, fetcher) {
+    fetcher = nullptr;
+    f->exchangeSucceeded(kj::mv(stream));
+  }
+}
+
+kj::HttpClient::Response StreamFetcher::Exchange::onResponse(kj::HttpClient::Response&& response) {
+  responded = true;
+  auto& framer = stream->getFramer();
+  auto body = kj::heap<ResponseBody>(kj::addRef(*this), response);
+  response.statusText = body->getStatusText();
+  response.headers = &body->getHeaders();
+  if (framer.isUpgrade()) {
+    fail(kj::str("the connection was upgraded to another protocol"));
+  } else if (framer.hasNoBody()) {
+    // No body (HEAD, 204, 304, Content-Length: 0): the exchange is over now.
+    body->finishNow();
+  }
+  response.body = kj::mv(body);
+  return kj::mv(response);
+}
+
+kj::HttpClient::WebSocketResponse StreamFetcher::Exchange::onWebSocketResponse(
+    kj::HttpClient::WebSocketResponse&& response) {
+  responded = true;
+  KJ_SWITCH_ONEOF(response.webSocketOrBody) {
+    KJ_CASE_ONEOF(webSocket, kj::Own<kj::WebSocket>) {
+      // The WebSocket now owns the connection (through this exchange, which it keeps alive).
+      fail(kj::str("the connection was upgraded to a WebSocket"));
+      auto headers = kj::heap(response.headers->clone());
+      response.headers = headers.get();
+      response.webSocketOrBody = webSocket.attach(kj::addRef(*this), kj::mv(headers));
+      return kj::mv(response);
+    }
+    KJ_CASE_ONEOF(body, kj::Own<kj::AsyncInputStream>) {
+      kj::HttpClient::Response plain;
+      plain.statusCode = response.statusCode;
+      plain.statusText = response.statusText;
+      plain.headers = response.headers;
+      plain.body = kj::mv(body);
+      auto wrapped = onResponse(kj::mv(plain));
+      response.statusText = wrapped.statusText;
+      response.headers = wrapped.headers;
+      response.webSocketOrBody = kj::mv(wrapped.body);
+      return kj::mv(response);
+    }
+  }
+  KJ_UNREACHABLE;
+}
+
+// =================================================================================================
+// StreamFetcher
+
+StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table,
+    Settings settings)
+    : table(table), settings(kj::mv(settings)), defaultEntropy(kj::heap<SystemEntropySource>()),
+      idleWatch(kj::heap<IdleWatch>(*this)), disposal(*idleWatch) {
+  auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits);
+  framed->watchIdle(*idleWatch);
+  state.init<Idle>(Idle{kj::mv(framed)});
+}
+
+StreamFetcher::~StreamFetcher() noexcept(false) {
+  KJ_IF_MAYBE(busy, state.tryGet<Busy>()) {
+    // The exchange in flight finishes on its own; its connection is then closed.
+    busy->exchange->detachFetcher();
+  }
+}
+
+StreamFetcher::State StreamFetcher::getState() const {
+  if (state.is<Idle>()) return State::IDLE;
+  if (state.is<Busy>()) return State::BUSY;
+  if (state.is<Closed>()) return State::CLOSED;
+  return State::RELEASED;
+}
+
+kj::Maybe<kj::StringPtr> StreamFetcher::getCloseReason() const {
+  KJ_IF_MAYBE(closed, state.tryGet<Closed>()) {
+    return closed->reason.asPtr();
+  }
+  return nullptr;
+}
+
+kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod method) {
+  KJ_SWITCH_ONEOF(state) {
+    KJ_CASE_ONEOF(idle, Idle) {
+      auto stream = kj::mv(idle.stream);
+      stream->beginExchange(method);
+      kj::HttpClientSettings clientSettings;
+      KJ_IF_MAYBE(entropy, settings.entropySource) {
+        clientSettings.entropySource = *entropy;
+      } else {
+        clientSettings.entropySource = *defaultEntropy;
+      }
+      auto exchange = kj::refcounted<Exchange>(*this, kj::mv(stream), table,
+          kj::mv(clientSettings));
+      state.init<Busy>(Busy{exchange.get()});
+      return exchange;
+    }
+    KJ_CASE_ONEOF(busy, Busy) {
+      kj::throwFatalException(KJ_EXCEPTION(FAILED,
+          "StreamFetcher sends one request at a time on its connection, and a request is already "
+          "in flight; read its response body to the end (or drop it) before the next request, or "
+          "use a ConnectionPool for concurrent requests"));
+    }
+    KJ_CASE_ONEOF(closed, Closed) {
+      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+          kj::str("this StreamFetcher's connection was dropped because ", closed.reason,
+              "; open a new connection (a ConnectionPool does this for you)")));
+    }
+    KJ_CASE_ONEOF(released, Released) {
+      kj::throwFatalException(KJ_EXCEPTION(FAILED,
+          "this StreamFetcher's connection was given back by release(); make a new StreamFetcher "
+          "over it to send more requests"));
+    }
+  }
+  KJ_UNREACHABLE;
+}
+
+kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::StringPtr url,
+    const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
+  auto exchange = startExchange(method);
+
+  // Mirror kj-http's choice of request framing, to know when the request is fully written.
+  bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
+  KJ_IF_MAYBE(size, expectedBodySize) {
+    if (isGet && *size == 0) {
+      exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
+    } else {
+      exchange->requestBodyKind = Exchange::RequestBodyKind::FIXED;
+      exchange->requestBodyExpected = *size;
+    }
+  } else if (isGet && headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) == nullptr) {
+    exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
+  } else {
+    exchange->requestBodyKind = Exchange::RequestBodyKind::CHUNKED;
+  }
+
+  auto inner = exchange->client->request(method, url, headers, expectedBodySize);
+  kj::Own<kj::AsyncOutputStream> body =
+      kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
+  Exchange* ex = exchange.get();
+  auto response = inner.response
+      .then([ex](Response&& response) {
+    return ex->onResponse(kj::mv(response));
+  }, [ex](kj::Exception&& e) -> Response {
+    ex->fail(kj::str("the previous request failed: ", e.getDescription()));
+    kj::throwFatalException(kj::mv(e));
+  }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
+    // Keeps the exchange alive as long as the promise; runs on completion and on cancellation.
+    if (!exchange->responded) {
+      exchange->fail(kj::str("a request was cancelled before its response arrived"));
+    }
+  }));
+  return Request{kj::mv(body), kj::mv(response)};
+}
+
+kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
+    kj::StringPtr url, const kj::HttpHeaders& headers) {
+  auto exchange = startExchange(kj::HttpMethod::GET);
+  exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
+  Exchange* ex = exchange.get();
+  return ex->client->openWebSocket(url, headers)
+      .then([ex](WebSocketResponse&& response) {
+    return ex->onWebSocketResponse(kj::mv(response));
+  }, [ex](kj::Exception&& e) -> WebSocketResponse {
+    ex->fail(kj::str("the previous WebSocket handshake failed: ", e.getDescription()));
+    kj::throwFatalException(kj::mv(e));
+  }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
+    if (!exchange->responded) {
+      exchange->fail(kj::str("a WebSocket handshake was cancelled before its response arrived"));
+    }
+  }));
+}
+
+kj::Own<kj::AsyncIoStream> StreamFetcher::release() {
+  KJ_IF_MAYBE(idle, state.tryGet<Idle>()) {
+    auto stream = kj::mv(idle->stream);
+    stream->passThrough();
+    state.init<Released>();
+    return kj::mv(stream);
+  }
+  KJ_FAIL_REQUIRE("release() needs an idle StreamFetcher; wait until the response body in flight "
+      "has been read to its end", getState());
+}
+
+void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
+  KJ_ASSERT(state.is<Busy>());
+  ++completedRequests;
+  stream->watchIdle(*idleWatch);
+  state.init<Idle>(Idle{kj::mv(stream)});
+}
+
+void StreamFetcher::exchangeFailed(kj::String reason) {
+  KJ_ASSERT(state.is<Busy>());
+  state.init<Closed>(Closed{kj::mv(reason)});
+}
+
+void StreamFetcher::closeIdle(kj::String reason) {
+  KJ_IF_MAYBE(idle, state.tryGet<Idle>()) {
+    // Called from the idle read's continuation, which the stream owns: destroy it a little later.
+    disposal.add(kj::evalLater([]() {}).attach(kj::mv(idle->stream)));
+    state.init<Closed>(Closed{kj::mv(reason)});
+  }
+}
+
+kj::StringPtr KJ_STRINGIFY(StreamFetcher::State state) {
+  switch (state) {
+    case StreamFetcher::State::IDLE: return "idle";
+    case StreamFetcher::State::BUSY: return "busy";
+    case StreamFetcher::State::CLOSED: return "closed";
+    case StreamFetcher::State::RELEASED: return "released";
+  }
+  KJ_UNREACHABLE;
+}
+
+}  // namespace sockfetch

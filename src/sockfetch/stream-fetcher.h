@@ -1,0 +1,129 @@
+#pragma once
+
+#include <sockfetch/response-framer.h>
+
+#include <kj/async-io.h>
+#include <kj/async.h>
+#include <kj/compat/http.h>
+#include <kj/one-of.h>
+
+namespace sockfetch {
+
+class FramedStream;
+
+class StreamFetcher final: public kj::HttpClient {
+  // An HTTP/1.1 client that owns one connection and reuses it safely, one request at a time.
+  //
+  // Each request() moves the connection into a guard that builds a kj::HttpClient for that one
+  // exchange. The connection comes back (the fetcher is IDLE again) when the response body has
+  // been read to its end and the exchange left the connection clean: the request was fully
+  // written, the response fully framed (chunked trailers and terminator included), the server
+  // allowed keep-alive (HTTP/1.1 without `Connection: close`, HTTP/1.0 only with
+  // `Connection: keep-alive`), the body was not delimited by the connection closing, there was no
+  // upgrade, and the server sent nothing past the end of the response. Otherwise the connection
+  // is dropped and the fetcher is CLOSED with the reason.
+  //
+  // One request at a time: request() or openWebSocket() while a request is in flight throws
+  // (message contains "one request at a time"); the exchange in flight is untouched and nothing
+  // is written. Use a ConnectionPool for concurrent requests.
+  //
+  // While idle, the connection is watched: any byte the server sends (nobody asked for it) or the
+  // server closing it drops the connection, with that reason, before a next request is written.
+  // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
+  // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
+  //
+  // Lifetimes: the header table must outlive the fetcher and every response. A response's
+  // headers and statusText stay valid until its body is dropped. Responses, bodies and promises
+  // may outlive the fetcher and may be destroyed in any order; a response still in flight when
+  // the fetcher is destroyed completes normally, and its connection is then closed.
+  //
+  // Single-threaded: use it on the event loop that owns the stream.
+
+public:
+  struct Settings {
+    kj::Maybe<kj::EntropySource&> entropySource;
+    // Randomness for WebSocket keys in openWebSocket(); the operating system's if null.
+    ResponseFramer::Limits limits;
+    // Size limits applied to responses.
+  };
+
+  StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table,
+      Settings settings);
+  StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table)
+      : StreamFetcher(kj::mv(stream), table, Settings()) {}
+  // Takes ownership of a connected stream. The fetcher starts IDLE and watching it.
+
+  ~StreamFetcher() noexcept(false);
+  KJ_DISALLOW_COPY(StreamFetcher);
+
+  Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
+      kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
+  // Sends a request on the owned connection. Throws at once, writing nothing, if a request is in
+  // flight (FAILED, "one request at a time"), if the connection was dropped (DISCONNECTED, with
+  // the reason), or if it was released (FAILED). `url` and `headers` need only remain valid until
+  // this returns.
+  //
+  // The request body, if any, must be written and then dropped; the connection is reused only if
+  // the whole body reached it. A response that ends while its request body is still being written
+  // closes the connection.
+
+  kj::Promise<WebSocketResponse> openWebSocket(
+      kj::StringPtr url, const kj::HttpHeaders& headers) override;
+  // Like request(), for a WebSocket handshake. On 101 the WebSocket owns the connection (bytes
+  // the server sent right after the 101 are kept) and the fetcher is CLOSED ("upgraded"). Any
+  // other response is handled like request()'s.
+
+  enum class State {
+    IDLE,      // holds the connection; request() may be called
+    BUSY,      // a request is in flight
+    CLOSED,    // the connection was dropped; getCloseReason() says why
+    RELEASED,  // release() gave the connection back to the caller
+  };
+
+  State getState() const;
+  kj::Maybe<kj::StringPtr> getCloseReason() const;
+  // Why the connection was dropped, while CLOSED.
+
+  uint64_t getCompletedRequests() const { return completedRequests; }
+  // Exchanges that finished cleanly and gave the connection back (the number of times it was
+  // reused, plus one, once it has served a request).
+
+  kj::Own<kj::AsyncIoStream> release();
+  // Gives the connection back while IDLE, with nothing lost: bytes already read from it come
+  // first when reading the returned stream. The fetcher is then RELEASED. Throws FAILED if not
+  // IDLE. The returned stream does not depend on the fetcher.
+
+private:
+  class Exchange;
+  class RequestBody;
+  class ResponseBody;
+  class IdleWatch;
+
+  struct Idle {
+    kj::Own<FramedStream> stream;
+  };
+  struct Busy {
+    Exchange* exchange;  // cleared (by leaving BUSY) before the exchange is destroyed
+  };
+  struct Closed {
+    kj::String reason;
+  };
+  struct Released {};
+
+  const kj::HttpHeaderTable& table;
+  Settings settings;
+  kj::Own<kj::EntropySource> defaultEntropy;
+  uint64_t completedRequests = 0;
+  kj::Own<IdleWatch> idleWatch;
+  kj::TaskSet disposal;  // destroys dropped connections after the current event
+  kj::OneOf<Idle, Busy, Closed, Released> state;
+
+  kj::Own<Exchange> startExchange(kj::HttpMethod method);
+  void exchangeSucceeded(kj::Own<FramedStream> stream);
+  void exchangeFailed(kj::String reason);
+  void closeIdle(kj::String reason);
+};
+
+kj::StringPtr KJ_STRINGIFY(StreamFetcher::State state);
+
+}  // namespace sockfetch

@@ -1,0 +1,201 @@
+#include "test-util.h"
+
+#include <sockfetch/kj-compat.h>
+
+#include <kj/debug.h>
+#include <kj/encoding.h>
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace sockfetch {
+namespace test {
+
+bool Peer::tryFill() {
+  char chunk[4096];
+  size_t n = stream->tryRead(chunk, 1, sizeof(chunk)).wait(waitScope);
+  buffer.addAll(chunk, chunk + n);
+  return n > 0;
+}
+
+void Peer::fillAtLeast(size_t n) {
+  while (buffer.size() < n) {
+    KJ_ASSERT(tryFill(), "the client closed the connection early", n, buffer.size());
+  }
+}
+
+kj::String Peer::readExactly(size_t n) {
+  fillAtLeast(n);
+  auto result = kj::heapString(buffer.begin(), n);
+  kj::Vector<char> rest;
+  rest.addAll(buffer.begin() + n, buffer.end());
+  buffer = kj::mv(rest);
+  return result;
+}
+
+kj::String Peer::readHead() {
+  for (;;) {
+    auto text = kj::arrayPtr(buffer.begin(), buffer.size());
+    for (size_t i = 0; i + 4 <= text.size(); i++) {
+      if (memcmp(text.begin() + i, "\r\n\r\n", 4) == 0) return readExactly(i + 4);
+    }
+    KJ_ASSERT(tryFill(), "the client closed the connection before a full request head");
+  }
+}
+
+namespace {
+
+kj::Maybe<kj::String> headerValue(kj::StringPtr head, kj::StringPtr name) {
+  // Case-insensitive lookup of a header in a raw head.
+  auto lowerHead = kj::heapString(head);
+  for (auto& c: lowerHead) c = tolower(c);
+  auto needle = kj::str("\r\n", name, ":");
+  for (auto& c: needle) c = tolower(c);
+  const char* found = strstr(lowerHead.cStr(), needle.cStr());
+  if (found == nullptr) return nullptr;
+  size_t start = found - lowerHead.cStr() + needle.size();
+  size_t end = start;
+  while (end < head.size() && head[end] != '\r') end++;
+  while (start < end && head[start] == ' ') start++;
+  return kj::heapString(head.slice(start).begin(), end - start);
+}
+
+}  // namespace
+
+kj::String Peer::readRequest() {
+  auto head = readHead();
+  KJ_IF_MAYBE(length, headerValue(head, "content-length")) {
+    return kj::str(head, readExactly(length->parseAs<size_t>()));
+  }
+  KJ_IF_MAYBE(te, headerValue(head, "transfer-encoding")) {
+    KJ_ASSERT(*te == "chunked", *te);
+    kj::Vector<char> body;
+    for (;;) {
+      // size line
+      kj::String line;
+      for (;;) {
+        fillAtLeast(1);
+        auto text = kj::arrayPtr(buffer.begin(), buffer.size());
+        const char* nl = reinterpret_cast<const char*>(memchr(text.begin(), '\n', text.size()));
+        if (nl != nullptr) {
+          line = readExactly(nl - text.begin() + 1);
+          break;
+        }
+        KJ_ASSERT(tryFill(), "the client closed the connection inside a chunked body");
+      }
+      size_t size = strtoul(line.cStr(), nullptr, 16);
+      if (size == 0) {
+        KJ_ASSERT(readExactly(2) == "\r\n", "chunked request body without final CRLF");
+        break;
+      }
+      auto data = readExactly(size);
+      body.addAll(data);
+      KJ_ASSERT(readExactly(2) == "\r\n");
+    }
+    return kj::str(head, kj::arrayPtr(body.begin(), body.size()));
+  }
+  return head;
+}
+
+void Peer::send(kj::StringPtr bytes) {
+  writeAll(*stream, bytes.asBytes()).wait(waitScope);
+}
+
+kj::Promise<void> Peer::sendLater(kj::StringPtr bytes) {
+  return writeAll(*stream, bytes.asBytes());
+}
+
+bool Peer::readWouldBlock() {
+  if (buffer.size() > 0) return false;
+  char c;
+  auto promise = stream->tryRead(&c, 1, 1);
+  if (!promise.poll(waitScope)) return true;
+  size_t n = promise.wait(waitScope);
+  if (n > 0) buffer.add(c);
+  return false;
+}
+
+bool Peer::sawEof() {
+  if (buffer.size() > 0) return false;
+  return !tryFill();
+}
+
+Transport pipeTransport() {
+  auto pipe = kj::newTwoWayPipe();
+  return Transport{kj::mv(pipe.ends[0]), kj::mv(pipe.ends[1])};
+}
+
+Transport tcpTransport(kj::AsyncIoContext& io) {
+  auto& network = io.provider->getNetwork();
+  auto listenAddress = network.parseAddress("127.0.0.1", 0).wait(io.waitScope);
+  auto listener = listenAddress->listen();
+  auto connectAddress =
+      network.parseAddress("127.0.0.1", listener->getPort()).wait(io.waitScope);
+  auto accepted = listener->accept();
+  auto client = connectAddress->connect().wait(io.waitScope);
+  auto server = accepted.wait(io.waitScope);
+  return Transport{kj::mv(client), kj::mv(server)};
+}
+
+namespace {
+
+// A small SHA-1 (FIPS 180-4), only to answer WebSocket handshakes in tests.
+kj::Array<kj::byte> sha1(kj::ArrayPtr<const kj::byte> message) {
+  uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+  kj::Vector<kj::byte> data;
+  data.addAll(message);
+  data.add(0x80);
+  while (data.size() % 64 != 56) data.add(0);
+  uint64_t bits = uint64_t(message.size()) * 8;
+  for (int i = 7; i >= 0; i--) data.add(kj::byte(bits >> (i * 8)));
+  auto rotl = [](uint32_t x, int n) { return (x << n) | (x >> (32 - n)); };
+  for (size_t chunk = 0; chunk < data.size(); chunk += 64) {
+    uint32_t w[80];
+    for (int i = 0; i < 16; i++) {
+      w[i] = uint32_t(data[chunk + 4 * i]) << 24 | uint32_t(data[chunk + 4 * i + 1]) << 16 |
+          uint32_t(data[chunk + 4 * i + 2]) << 8 | uint32_t(data[chunk + 4 * i + 3]);
+    }
+    for (int i = 16; i < 80; i++) w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+    for (int i = 0; i < 80; i++) {
+      uint32_t f, k;
+      if (i < 20) {
+        f = (b & c) | (~b & d);
+        k = 0x5A827999;
+      } else if (i < 40) {
+        f = b ^ c ^ d;
+        k = 0x6ED9EBA1;
+      } else if (i < 60) {
+        f = (b & c) | (b & d) | (c & d);
+        k = 0x8F1BBCDC;
+      } else {
+        f = b ^ c ^ d;
+        k = 0xCA62C1D6;
+      }
+      uint32_t t = rotl(a, 5) + f + e + k + w[i];
+      e = d;
+      d = c;
+      c = rotl(b, 30);
+      b = a;
+      a = t;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+  }
+  auto out = kj::heapArray<kj::byte>(20);
+  for (int i = 0; i < 20; i++) out[i] = kj::byte(h[i / 4] >> (24 - 8 * (i % 4)));
+  return out;
+}
+
+}  // namespace
+
+kj::String webSocketAccept(kj::StringPtr key) {
+  auto input = kj::str(key, "258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+  return kj::encodeBase64(sha1(input.asBytes()));
+}
+
+}  // namespace test
+}  // namespace sockfetch

@@ -1,0 +1,69 @@
+#pragma once
+// Test helpers for sockfetch: a scripted HTTP peer over either an in-process pipe or a real
+// loopback TCP connection, so that each behaviour is checked on both transports.
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/string.h>
+#include <kj/test.h>
+
+namespace sockfetch {
+namespace test {
+
+class Peer {
+  // The server side of one connection, driven by the test: reads what the client wrote and
+  // writes scripted bytes back.
+public:
+  Peer(kj::WaitScope& waitScope, kj::Own<kj::AsyncIoStream> stream)
+      : waitScope(waitScope), stream(kj::mv(stream)) {}
+
+  kj::String readRequest();
+  // Reads one request head (through the blank line) plus a body if the head announces one by
+  // Content-Length or chunked encoding (the body is returned de-chunked after the head).
+
+  kj::String readHead();
+  // Reads through the end of the next header block.
+
+  kj::String readExactly(size_t n);
+
+  void send(kj::StringPtr bytes);
+  // Writes the bytes and waits until written.
+
+  kj::Promise<void> sendLater(kj::StringPtr bytes);
+  // Starts writing; the caller waits on the returned promise (needed for unbuffered pipes).
+
+  bool readWouldBlock();
+  // True if nothing at all was written by the client (and it did not close): checks without
+  // consuming anything that is buffered.
+
+  bool sawEof();
+  // Runs the event loop until the client's side is read to its end; true if it ended (closed)
+  // without sending more bytes.
+
+  void close() { stream = nullptr; }
+  kj::AsyncIoStream& getStream() { return *stream; }
+
+private:
+  kj::WaitScope& waitScope;
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::Vector<char> buffer;
+
+  void fillAtLeast(size_t n);
+  bool tryFill();
+};
+
+struct Transport {
+  // A connected pair: `client` for the code under test, `peer` for the script.
+  kj::Own<kj::AsyncIoStream> client;
+  kj::Own<kj::AsyncIoStream> server;
+};
+
+Transport pipeTransport();
+Transport tcpTransport(kj::AsyncIoContext& io);
+// A real loopback TCP connection (127.0.0.1, ephemeral port).
+
+kj::String webSocketAccept(kj::StringPtr key);
+// The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455), for scripted handshakes.
+
+}  // namespace test
+}  // namespace sockfetch
