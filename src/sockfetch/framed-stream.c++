@@ -24,6 +24,10 @@ void FramedStream::watchIdle(IdleListener& listener) {
   idleListener = listener;
   framer.freeBuffer();
   if (probeOutcome != nullptr) return;  // already watching (or lost: the listener was told)
+  startProbe();
+}
+
+void FramedStream::startProbe() {
   probeOutcome = ProbeOutcome(ProbePending());
   probe = raw->tryRead(&probeByte, 1, 1)
       .then([this](size_t n) {
@@ -71,9 +75,21 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
   gatePassed = false;
-  // Yield once before touching the connection: an idle read that completed just now (its
-  // continuation queued but not yet run) is noticed here, before any request byte is written.
-  gate = kj::evalLater([this]() { checkIdleOutcome(); }).fork();
+  // Before touching the connection, look twice:
+  //  1. Yield once: an idle read that completed just now (its continuation queued but not yet
+  //     run) is noticed, before any request byte is written.
+  //  2. Read again, straight from the connection: a stream that already holds a byte or EOF that
+  //     the event loop has not reported yet (a socket: the kernel has it, epoll was not polled)
+  //     answers such a read at once, which the next turn sees.
+  // Cancelling the idle read in between loses nothing, as it had not completed.
+  gate = kj::evalLater([this]() {
+    checkIdleOutcome();
+    startProbe();
+    return kj::evalLater([this]() {
+      checkIdleOutcome();
+      gatePassed = true;
+    });
+  }).fork();
 }
 
 void FramedStream::checkIdleOutcome() {
@@ -101,7 +117,6 @@ void FramedStream::checkIdleOutcome() {
       }
     }
   }
-  gatePassed = true;
 }
 
 kj::Promise<void> FramedStream::passGate() {

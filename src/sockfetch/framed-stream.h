@@ -94,6 +94,7 @@ private:
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
 
+  void startProbe();
   void probeDone();
   kj::Promise<void> passGate();
   void checkIdleOutcome();

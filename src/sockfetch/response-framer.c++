@@ -315,6 +315,10 @@ bool ResponseFramer::parseHeaderBlock() {
       break;  // can't tell yet
     }
     if (blockEnd != 0) {
+      if (blockEnd - lineStart > limits.maxHeaderBytes) {
+        kj::throwFatalException(malformed(kj::str("header block larger than ",
+            limits.maxHeaderBytes, " bytes")));
+      }
       parseHead(kj::arrayPtr(chars + lineStart, blockEnd - lineStart));
       if (head.status >= 100 && head.status < 200 && head.status != 101) {
         // Interim response: drop it entirely, as if it was never sent.

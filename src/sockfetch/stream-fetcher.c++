@@ -281,6 +281,10 @@ kj::Maybe<kj::String> StreamFetcher::Exchange::whyRequestIncomplete() {
 
 void StreamFetcher::Exchange::succeed() {
   if (done) return;
+  // The response is over, so is the request: kj's request body points into the client.
+  KJ_IF_MAYBE(body, requestBody) {
+    body->detach();
+  }
   auto& framer = stream->getFramer();
   KJ_IF_MAYBE(why, framer.whyNotReusable()) {
     return fail(kj::str(*why));
@@ -294,9 +298,6 @@ void StreamFetcher::Exchange::succeed() {
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
   done = true;
-  KJ_IF_MAYBE(body, requestBody) {
-    body->detach();
-  }
   client = nullptr;
   KJ_IF_MAYBE(f, fetcher) {
     fetcher = nullptr;

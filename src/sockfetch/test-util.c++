@@ -117,7 +117,12 @@ bool Peer::readWouldBlock() {
 
 bool Peer::sawEof() {
   if (buffer.size() > 0) return false;
-  return !tryFill();
+  // A reset counts: a socket closed with unread input ends with RST rather than FIN.
+  bool more = false;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { more = tryFill(); })) {
+    return e->getType() == kj::Exception::Type::DISCONNECTED;
+  }
+  return !more;
 }
 
 Transport pipeTransport() {
