@@ -143,6 +143,7 @@ void ResponseFramer::parseEof() {
 
 size_t ResponseFramer::take(kj::ArrayPtr<kj::byte> out) {
   size_t n = kj::min(out.size(), limit - begin);
+  if (n == 0) return 0;
   memcpy(out.begin(), buffer.begin() + begin, n);
   begin += n;
   bool lineless = state == State::LENGTH || state == State::CHUNK_DATA ||
