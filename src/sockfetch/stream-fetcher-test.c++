@@ -71,6 +71,16 @@ struct Env {
     return Result{r.statusCode, kj::mv(body), kj::mv(request)};
   }
 
+  void waitForState(StreamFetcher::State expected) {
+    // Lets the event loop run (timers included) until the fetcher reaches `expected`, for at
+    // most two seconds.
+    auto& timer = io.provider->getTimer();
+    auto deadline = timer.now() + 2 * kj::SECONDS;
+    while (fetcher->getState() != expected && timer.now() < deadline) {
+      timer.afterDelay(1 * kj::MILLISECONDS).wait(ws);
+    }
+  }
+
   kj::StringPtr anyReason() {
     KJ_IF_MAYBE(reason, fetcher->getCloseReason()) return *reason;
     return "(not closed)";
@@ -468,6 +478,51 @@ BOTH_TRANSPORTS(chunkedLateCrlf,
   KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
 }
 
+BOTH_TRANSPORTS(largeBodies, "StreamFetcher streams large bodies of both framings and reuses") {
+  auto big = kj::heapString(1 << 20);
+  for (size_t i = 0; i < big.size(); i++) big[i] = 'a' + i % 26;
+  auto fixed = env.exchange(kj::HttpMethod::GET, "/fixed",
+      kj::str("HTTP/1.1 200 OK\r\nContent-Length: ", big.size(), "\r\n\r\n", big));
+  KJ_EXPECT(fixed.body == big);
+  kj::Vector<char> chunked;
+  chunked.addAll("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"_kj);
+  for (size_t pos = 0; pos < big.size(); pos += 3000) {
+    size_t n = kj::min(size_t(3000), big.size() - pos);
+    chunked.addAll(kj::str(kj::hex(n), "\r\n"));
+    chunked.addAll(big.slice(pos, pos + n));
+    chunked.addAll("\r\n"_kj);
+  }
+  chunked.addAll("0\r\n\r\n"_kj);
+  chunked.add('\0');
+  auto result = env.exchange(kj::HttpMethod::GET, "/chunked", kj::StringPtr(chunked.begin(),
+      chunked.size() - 1));
+  KJ_EXPECT(result.body == big);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 2);
+}
+
+BOTH_TRANSPORTS(largeHead, "StreamFetcher accepts a 20 KiB response head and reuses") {
+  auto value = kj::heapString(20000);
+  for (auto& c: value) c = 'v';
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      kj::str("HTTP/1.1 200 OK\r\nX-Large: ", value, "\r\nContent-Length: 5\r\n\r\nhello"));
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+}
+
+BOTH_TRANSPORTS(oversizedHead, "StreamFetcher rejects a response head over its limit") {
+  auto req = env.get();
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto value = kj::heapString(70000);
+  for (auto& c: value) c = 'v';
+  auto text = kj::str("HTTP/1.1 200 OK\r\nX-Large: ", value, "\r\n\r\n");
+  auto written = env.peer->sendLater(text);
+  KJ_EXPECT_THROW_MESSAGE("header block larger than 65536 bytes", req.response.wait(env.ws));
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  written = nullptr;
+}
+
 // =================================================================================================
 // Poisoning
 
@@ -500,7 +555,7 @@ BOTH_TRANSPORTS(unsolicitedWhileIdleLater,
     "StreamFetcher notices unsolicited bytes on an idle connection by itself") {
   KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
   auto unsolicited = env.peer->sendLater("garbage");
-  env.io.provider->getTimer().afterDelay(10 * kj::MILLISECONDS).wait(env.ws);
+  env.waitForState(StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "idle connection"), env.closeReason());
   KJ_EXPECT_THROW_MESSAGE("poisoned", env.get());
@@ -522,7 +577,7 @@ BOTH_TRANSPORTS(peerClosesIdle, "StreamFetcher notices the peer closing the idle
 BOTH_TRANSPORTS(peerClosesIdleLater, "StreamFetcher notices an idle close by itself") {
   KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
   env.peer->close();
-  env.io.provider->getTimer().afterDelay(10 * kj::MILLISECONDS).wait(env.ws);
+  env.waitForState(StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.closeReason() == "the server closed the idle connection", env.closeReason());
   KJ_EXPECT_THROW_MESSAGE("the server closed the idle connection", env.get());
