@@ -62,7 +62,7 @@ void FramedStream::probeDone() {
           outcome.get<kj::Exception>().getDescription());
     }
     idleListener = nullptr;
-    listener->idleConnectionLost(kj::mv(reason));
+    listener->idleConnectionLost(outcome.is<ProbeGotByte>(), kj::mv(reason));
   }
 }
 

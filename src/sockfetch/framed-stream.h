@@ -30,8 +30,10 @@ class FramedStream final: public kj::AsyncIoStream {
 public:
   class IdleListener {
   public:
-    virtual void idleConnectionLost(kj::String reason) = 0;
-    // Called from the idle read's continuation. Must not destroy the FramedStream synchronously.
+    virtual void idleConnectionLost(bool gotBytes, kj::String reason) = 0;
+    // Called from the idle read's continuation: `gotBytes` if the server sent something, else it
+    // closed the connection (or reading it failed). Must not destroy the FramedStream
+    // synchronously.
   };
 
   FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits);

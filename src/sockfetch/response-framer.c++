@@ -69,6 +69,7 @@ void ResponseFramer::start(kj::HttpMethod requestMethod) {
   method = requestMethod;
   head = Head();
   headParsed = false;
+  receivedAny = false;
   state = State::HEAD;
 }
 
@@ -106,6 +107,7 @@ kj::ArrayPtr<kj::byte> ResponseFramer::space() {
 void ResponseFramer::received(size_t n) {
   KJ_REQUIRE(end + n <= buffer.size());
   end += n;
+  if (n > 0) receivedAny = true;
   if (failure != nullptr) return;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { parse(); })) {
     failure = kj::mv(*e);

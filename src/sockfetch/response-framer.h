@@ -80,6 +80,12 @@ public:
   // The final response has no body at all (HEAD, 204, 304, Content-Length: 0).
 
   bool hasHead() const { return headParsed; }
+
+  bool saidClose() const { return headParsed && head.connectionClose; }
+  // The final response carried `Connection: close`.
+
+  bool hasReceivedAny() const { return receivedAny; }
+  // Whether any byte arrived since start().
   // Whether the final response's header block has been parsed.
 
   kj::Maybe<kj::StringPtr> whyNotReusable() const;
@@ -145,6 +151,7 @@ private:
   kj::HttpMethod method = kj::HttpMethod::GET;
   Head head;
   bool headParsed = false;
+  bool receivedAny = false;
   kj::Maybe<kj::Exception> failure;
 
   void parse();

@@ -279,6 +279,8 @@ BOTH_TRANSPORTS(peerDiesMidRequest, "StreamFetcher reports a peer that closes mi
   KJ_EXPECT_THROW_MESSAGE("malformed", req.response.wait(env.ws));
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "previous request failed"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::FAILED);
+  KJ_EXPECT(env.fetcher->lastExchangeReceivedResponse());
   KJ_EXPECT_THROW(DISCONNECTED, env.get());
 }
 
@@ -330,6 +332,7 @@ BOTH_TRANSPORTS(connectionClose, "StreamFetcher drops the connection after Conne
   KJ_EXPECT(r.body == "hello");
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "Connection: close"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::CONNECTION_CLOSE);
   KJ_EXPECT_THROW_MESSAGE("Connection: close", env.get());
   KJ_EXPECT(env.peer->sawEof(), "the dropped connection was not closed");
 }
@@ -358,6 +361,7 @@ BOTH_TRANSPORTS(eofDelimited, "StreamFetcher reads a body delimited by EOF, then
   KJ_EXPECT(text.wait(env.ws) == "until the end");
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "delimited by the server closing"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::NOT_REUSABLE);
 }
 
 // =================================================================================================
@@ -442,6 +446,7 @@ BOTH_TRANSPORTS(webSocketUpgrade,
   written.wait(env.ws);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "upgraded"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UPGRADED);
   // The WebSocket owns the connection: a reply reaches the peer (masked client frame, 2 + 4 + 2).
   auto sent = socket.send("yo"_kj);
   KJ_EXPECT(env.peer->readExactly(8).size() == 8);
@@ -534,6 +539,7 @@ BOTH_TRANSPORTS(extraBytesSameWrite,
   KJ_EXPECT(r.body == "hello");
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "after the end of the response"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
   KJ_EXPECT_THROW_MESSAGE("poisoned", env.get());
 }
 
@@ -558,6 +564,7 @@ BOTH_TRANSPORTS(unsolicitedWhileIdleLater,
   env.waitForState(StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "idle connection"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
   KJ_EXPECT_THROW_MESSAGE("poisoned", env.get());
   unsolicited = nullptr;
   KJ_EXPECT(env.peer->sawEof(), "the poisoned connection was not closed");
@@ -580,6 +587,7 @@ BOTH_TRANSPORTS(peerClosesIdleLater, "StreamFetcher notices an idle close by its
   env.waitForState(StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.closeReason() == "the server closed the idle connection", env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::PEER_CLOSED_IDLE);
   KJ_EXPECT_THROW_MESSAGE("the server closed the idle connection", env.get());
 }
 
@@ -650,6 +658,7 @@ BOTH_TRANSPORTS(earlyResponse,
   written.wait(env.ws);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "5 of the 10 request body bytes"), env.closeReason());
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::REQUEST_INCOMPLETE);
   KJ_EXPECT_THROW_MESSAGE("request is over", req.body->write("x", 1).wait(env.ws));
 }
 

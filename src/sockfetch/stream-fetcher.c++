@@ -42,18 +42,18 @@ public:
         client(kj::newHttpClient(table, *stream, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
-    if (!done) fail(kj::str("the exchange was abandoned before its response body was read to the "
+    if (!done) fail(CloseKind::ABANDONED, kj::str("the exchange was abandoned before its response body was read to the "
         "end"));
   }
 
-  void fail(kj::String reason) {
+  void fail(CloseKind kind, kj::String reason) {
     // The connection must not be reused. The fetcher is told now; the connection itself is closed
     // when the last of the request body, response promise and response body is dropped.
     if (done) return;
     done = true;
     KJ_IF_MAYBE(f, fetcher) {
       fetcher = nullptr;
-      f->exchangeFailed(kj::mv(reason));
+      f->exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny());
     }
   }
 
@@ -96,7 +96,7 @@ public:
     exchange->requestBodyDropped = true;
     if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
         exchange->requestBodyWritten < exchange->requestBodyExpected && inner.get() != nullptr) {
-      exchange->fail(kj::str("the request body was dropped after ", exchange->requestBodyWritten,
+      exchange->fail(CloseKind::ABANDONED, kj::str("the request body was dropped after ", exchange->requestBodyWritten,
           " of its ", exchange->requestBodyExpected, " bytes were written"));
     }
     // Dropping kj's body now writes the chunked terminator, or marks a short fixed-length body
@@ -150,7 +150,9 @@ public:
         headers(kj::heap(response.headers->clone())), inner(kj::mv(response.body)) {}
 
   ~ResponseBody() noexcept(false) {
-    if (!atEnd) exchange->fail(kj::str("the response body was dropped before its end"));
+    if (!atEnd) {
+      exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
+    }
     inner = nullptr;  // before the exchange (and so the client) might go
   }
 
@@ -183,7 +185,8 @@ public:
       if (!end) return n;
       return reachedEnd().then([n]() { return n; });
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
-      exchange->fail(kj::str("reading the previous response body failed: ", e.getDescription()));
+      exchange->fail(CloseKind::FAILED,
+          kj::str("reading the previous response body failed: ", e.getDescription()));
       return kj::mv(e);
     });
   }
@@ -219,7 +222,8 @@ private:
       atEnd = true;
       exchange->succeed();
     }, [this](kj::Exception&& e) {
-      exchange->fail(kj::str("the previous response was malformed: ", e.getDescription()));
+      exchange->fail(CloseKind::FAILED,
+          kj::str("the previous response was malformed: ", e.getDescription()));
       readFailure = cloneException(e);
       kj::throwFatalException(kj::mv(e));
     });
@@ -234,8 +238,9 @@ class StreamFetcher::IdleWatch final: public FramedStream::IdleListener,
 public:
   explicit IdleWatch(StreamFetcher& fetcher): fetcher(fetcher) {}
 
-  void idleConnectionLost(kj::String reason) override {
-    fetcher.closeIdle(kj::mv(reason));
+  void idleConnectionLost(bool gotBytes, kj::String reason) override {
+    fetcher.closeIdle(gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
+        kj::mv(reason));
   }
 
   void taskFailed(kj::Exception&& exception) override {
@@ -287,14 +292,17 @@ void StreamFetcher::Exchange::succeed() {
   }
   auto& framer = stream->getFramer();
   KJ_IF_MAYBE(why, framer.whyNotReusable()) {
-    return fail(kj::str(*why));
+    auto kind = framer.isUpgrade() ? CloseKind::UPGRADED
+        : framer.saidClose()       ? CloseKind::CONNECTION_CLOSE
+                                   : CloseKind::NOT_REUSABLE;
+    return fail(kind, kj::str(*why));
   }
   KJ_IF_MAYBE(why, whyRequestIncomplete()) {
-    return fail(kj::mv(*why));
+    return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(*why));
   }
   framer.finish();
   if (framer.residueSize() > 0) {
-    return fail(kj::str("the server sent ", framer.residueSize(),
+    return fail(CloseKind::UNSOLICITED_BYTES, kj::str("the server sent ", framer.residueSize(),
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
   done = true;
@@ -312,7 +320,7 @@ kj::HttpClient::Response StreamFetcher::Exchange::onResponse(kj::HttpClient::Res
   response.statusText = body->getStatusText();
   response.headers = &body->getHeaders();
   if (framer.isUpgrade()) {
-    fail(kj::str("the connection was upgraded to another protocol"));
+    fail(CloseKind::UPGRADED, kj::str("the connection was upgraded to another protocol"));
   } else if (framer.hasNoBody()) {
     // No body (HEAD, 204, 304, Content-Length: 0): the exchange is over now.
     body->finishNow();
@@ -327,7 +335,7 @@ kj::HttpClient::WebSocketResponse StreamFetcher::Exchange::onWebSocketResponse(
   KJ_SWITCH_ONEOF(response.webSocketOrBody) {
     KJ_CASE_ONEOF(webSocket, kj::Own<kj::WebSocket>) {
       // The WebSocket now owns the connection (through this exchange, which it keeps alive).
-      fail(kj::str("the connection was upgraded to a WebSocket"));
+      fail(CloseKind::UPGRADED, kj::str("the connection was upgraded to a WebSocket"));
       auto headers = kj::heap(response.headers->clone());
       response.headers = headers.get();
       response.webSocketOrBody = webSocket.attach(kj::addRef(*this), kj::mv(headers));
@@ -445,12 +453,13 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
       .then([ex](Response&& response) {
     return ex->onResponse(kj::mv(response));
   }, [ex](kj::Exception&& e) -> Response {
-    ex->fail(kj::str("the previous request failed: ", e.getDescription()));
+    ex->fail(CloseKind::FAILED, kj::str("the previous request failed: ", e.getDescription()));
     kj::throwFatalException(kj::mv(e));
   }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
     // Keeps the exchange alive as long as the promise; runs on completion and on cancellation.
     if (!exchange->responded) {
-      exchange->fail(kj::str("a request was cancelled before its response arrived"));
+      exchange->fail(CloseKind::ABANDONED,
+          kj::str("a request was cancelled before its response arrived"));
     }
   }));
   return Request{kj::mv(body), kj::mv(response)};
@@ -465,11 +474,13 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
       .then([ex](WebSocketResponse&& response) {
     return ex->onWebSocketResponse(kj::mv(response));
   }, [ex](kj::Exception&& e) -> WebSocketResponse {
-    ex->fail(kj::str("the previous WebSocket handshake failed: ", e.getDescription()));
+    ex->fail(CloseKind::FAILED,
+        kj::str("the previous WebSocket handshake failed: ", e.getDescription()));
     kj::throwFatalException(kj::mv(e));
   }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
     if (!exchange->responded) {
-      exchange->fail(kj::str("a WebSocket handshake was cancelled before its response arrived"));
+      exchange->fail(CloseKind::ABANDONED,
+          kj::str("a WebSocket handshake was cancelled before its response arrived"));
     }
   }));
 }
@@ -488,21 +499,54 @@ kj::Own<kj::AsyncIoStream> StreamFetcher::release() {
 void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   KJ_ASSERT(state.is<Busy>());
   ++completedRequests;
+  lastResponseBytes = true;
   stream->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(stream)});
+  KJ_IF_MAYBE(o, observer) {
+    o->fetcherIdle(*this);  // last: the observer may start the next request
+  }
 }
 
-void StreamFetcher::exchangeFailed(kj::String reason) {
+void StreamFetcher::exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny) {
   KJ_ASSERT(state.is<Busy>());
-  state.init<Closed>(Closed{kj::mv(reason)});
+  lastResponseBytes = receivedAny;
+  state.init<Closed>(Closed{kind, kj::mv(reason)});
+  KJ_IF_MAYBE(o, observer) {
+    o->fetcherClosed(*this);
+  }
 }
 
-void StreamFetcher::closeIdle(kj::String reason) {
+void StreamFetcher::closeIdle(CloseKind kind, kj::String reason) {
   KJ_IF_MAYBE(idle, state.tryGet<Idle>()) {
     // Called from the idle read's continuation, which the stream owns: destroy it a little later.
     disposal.add(kj::evalLater([]() {}).attach(kj::mv(idle->stream)));
-    state.init<Closed>(Closed{kj::mv(reason)});
+    state.init<Closed>(Closed{kind, kj::mv(reason)});
+    KJ_IF_MAYBE(o, observer) {
+      o->fetcherClosed(*this);
+    }
   }
+}
+
+StreamFetcher::CloseKind StreamFetcher::getCloseKind() const {
+  KJ_IF_MAYBE(closed, state.tryGet<Closed>()) {
+    return closed->kind;
+  }
+  return CloseKind::NONE;
+}
+
+kj::StringPtr KJ_STRINGIFY(StreamFetcher::CloseKind kind) {
+  switch (kind) {
+    case StreamFetcher::CloseKind::NONE: return "none";
+    case StreamFetcher::CloseKind::PEER_CLOSED_IDLE: return "peer_closed_idle";
+    case StreamFetcher::CloseKind::UNSOLICITED_BYTES: return "unsolicited_bytes";
+    case StreamFetcher::CloseKind::CONNECTION_CLOSE: return "connection_close";
+    case StreamFetcher::CloseKind::NOT_REUSABLE: return "not_reusable";
+    case StreamFetcher::CloseKind::UPGRADED: return "upgraded";
+    case StreamFetcher::CloseKind::ABANDONED: return "abandoned";
+    case StreamFetcher::CloseKind::REQUEST_INCOMPLETE: return "request_incomplete";
+    case StreamFetcher::CloseKind::FAILED: return "failed";
+  }
+  KJ_UNREACHABLE;
 }
 
 kj::StringPtr KJ_STRINGIFY(StreamFetcher::State state) {

@@ -84,6 +84,36 @@ public:
   kj::Maybe<kj::StringPtr> getCloseReason() const;
   // Why the connection was dropped, while CLOSED.
 
+  enum class CloseKind {
+    NONE,                // not closed
+    PEER_CLOSED_IDLE,    // the server closed the idle connection (or it failed while idle)
+    UNSOLICITED_BYTES,   // bytes nobody asked for: while idle, or past the end of a response
+    CONNECTION_CLOSE,    // the server sent `Connection: close`
+    NOT_REUSABLE,        // HTTP/1.0 without keep-alive, body delimited by close, bad framing
+    UPGRADED,            // 101: the connection now speaks another protocol
+    ABANDONED,           // a body dropped early, a request or read cancelled
+    REQUEST_INCOMPLETE,  // the response ended before the whole request was written
+    FAILED,              // the request or response failed (I/O error, malformed response)
+  };
+
+  CloseKind getCloseKind() const;
+  // The reason as a category, for counting (ConnectionPool's statistics).
+
+  bool lastExchangeReceivedResponse() const { return lastResponseBytes; }
+  // Whether the last exchange received any byte of a response. A request that failed on a
+  // reused connection before any response byte arrived may be retried elsewhere.
+
+  class Observer {
+  public:
+    virtual void fetcherIdle(StreamFetcher& fetcher) = 0;
+    // The connection came back: the fetcher is IDLE and may take the next request (from here).
+    virtual void fetcherClosed(StreamFetcher& fetcher) = 0;
+    // The fetcher is now CLOSED. Must not destroy the fetcher synchronously.
+  };
+
+  void setObserver(kj::Maybe<Observer&> observer) { this->observer = observer; }
+  // Tells `observer` (which must outlive the fetcher, or be reset) about state changes.
+
   uint64_t getCompletedRequests() const { return completedRequests; }
   // Exchanges that finished cleanly and gave the connection back (the number of times it was
   // reused, plus one, once it has served a request).
@@ -106,6 +136,7 @@ private:
     Exchange* exchange;  // cleared (by leaving BUSY) before the exchange is destroyed
   };
   struct Closed {
+    CloseKind kind;
     kj::String reason;
   };
   struct Released {};
@@ -114,16 +145,19 @@ private:
   Settings settings;
   kj::Own<kj::EntropySource> defaultEntropy;
   uint64_t completedRequests = 0;
+  bool lastResponseBytes = false;
+  kj::Maybe<Observer&> observer;
   kj::Own<IdleWatch> idleWatch;
   kj::TaskSet disposal;  // destroys dropped connections after the current event
   kj::OneOf<Idle, Busy, Closed, Released> state;
 
   kj::Own<Exchange> startExchange(kj::HttpMethod method);
   void exchangeSucceeded(kj::Own<FramedStream> stream);
-  void exchangeFailed(kj::String reason);
-  void closeIdle(kj::String reason);
+  void exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny);
+  void closeIdle(CloseKind kind, kj::String reason);
 };
 
 kj::StringPtr KJ_STRINGIFY(StreamFetcher::State state);
+kj::StringPtr KJ_STRINGIFY(StreamFetcher::CloseKind kind);
 
 }  // namespace sockfetch
