@@ -53,7 +53,8 @@ public:
     done = true;
     KJ_IF_MAYBE(f, fetcher) {
       fetcher = nullptr;
-      f->exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny());
+      bool wroteAny = stream->getWritesCompleted() > 0 || stream->getWritesInFlight() > 0;
+      f->exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny(), wroteAny);
     }
   }
 
@@ -500,6 +501,7 @@ void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   KJ_ASSERT(state.is<Busy>());
   ++completedRequests;
   lastResponseBytes = true;
+  lastRequestBytes = true;
   stream->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(stream)});
   KJ_IF_MAYBE(o, observer) {
@@ -507,9 +509,11 @@ void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   }
 }
 
-void StreamFetcher::exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny) {
+void StreamFetcher::exchangeFailed(
+    CloseKind kind, kj::String reason, bool receivedAny, bool wroteAny) {
   KJ_ASSERT(state.is<Busy>());
   lastResponseBytes = receivedAny;
+  lastRequestBytes = wroteAny;
   state.init<Closed>(Closed{kind, kj::mv(reason)});
   KJ_IF_MAYBE(o, observer) {
     o->fetcherClosed(*this);

@@ -103,6 +103,10 @@ public:
   // Whether the last exchange received any byte of a response. A request that failed on a
   // reused connection before any response byte arrived may be retried elsewhere.
 
+  bool lastExchangeWroteRequest() const { return lastRequestBytes; }
+  // Whether any byte of the last exchange's request reached the connection. A request that
+  // failed before that (the idle connection was found closed) is safe to retry, whatever it is.
+
   class Observer {
   public:
     virtual void fetcherIdle(StreamFetcher& fetcher) = 0;
@@ -146,6 +150,7 @@ private:
   kj::Own<kj::EntropySource> defaultEntropy;
   uint64_t completedRequests = 0;
   bool lastResponseBytes = false;
+  bool lastRequestBytes = false;
   kj::Maybe<Observer&> observer;
   kj::Own<IdleWatch> idleWatch;
   kj::TaskSet disposal;  // destroys dropped connections after the current event
@@ -153,7 +158,7 @@ private:
 
   kj::Own<Exchange> startExchange(kj::HttpMethod method);
   void exchangeSucceeded(kj::Own<FramedStream> stream);
-  void exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny);
+  void exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny, bool wroteAny);
   void closeIdle(CloseKind kind, kj::String reason);
 };
 

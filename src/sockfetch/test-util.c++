@@ -202,5 +202,163 @@ kj::String webSocketAccept(kj::StringPtr key) {
   return kj::encodeBase64(sha1(input.asBytes()));
 }
 
+// =================================================================================================
+// ScriptedServer
+
+namespace {
+
+class IgnoreDisconnects final: public kj::TaskSet::ErrorHandler {
+public:
+  void taskFailed(kj::Exception&& exception) override {
+    if (exception.getType() != kj::Exception::Type::DISCONNECTED) {
+      KJ_LOG(ERROR, "scripted server task failed", exception);
+    }
+  }
+};
+
+kj::Maybe<size_t> requestLength(kj::ArrayPtr<const char> data) {
+  // Length of the complete request at the start of `data`, if it is all there.
+  kj::StringPtr text;
+  for (size_t i = 0; i + 4 <= data.size(); i++) {
+    if (memcmp(data.begin() + i, "\r\n\r\n", 4) != 0) continue;
+    auto head = kj::heapString(data.begin(), i + 4);
+    KJ_IF_MAYBE(length, headerValue(head, "content-length")) {
+      size_t total = i + 4 + length->parseAs<size_t>();
+      if (data.size() >= total) return total;
+      return nullptr;
+    }
+    if (headerValue(head, "transfer-encoding") != nullptr) {
+      for (size_t j = i + 4; j + 5 <= data.size(); j++) {
+        if (memcmp(data.begin() + j, "0\r\n\r\n", 5) == 0 &&
+            (j == i + 4 || data[j - 1] == '\n')) {
+          return j + 5;
+        }
+      }
+      return nullptr;
+    }
+    return i + 4;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+struct ScriptedServer::Connection {
+  ScriptedServer& server;
+  unsigned index;
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::Vector<char> buffer;
+  unsigned requests = 0;
+  bool waitingForRequest = true;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> closeNow;
+
+  Connection(ScriptedServer& server, unsigned index, kj::Own<kj::AsyncIoStream> stream)
+      : server(server), index(index), stream(kj::mv(stream)) {
+    server.connections.add(this);
+    ++server.open;
+  }
+  ~Connection() noexcept(false) {
+    auto& list = server.connections;
+    for (size_t i = 0; i < list.size(); i++) {
+      if (list[i] == this) {
+        list[i] = list.back();
+        list.removeLast();
+        break;
+      }
+    }
+    --server.open;
+  }
+};
+
+ScriptedServer::ScriptedServer(kj::AsyncIoContext& io, kj::StringPtr address, Handler handler)
+    : io(io), handler(kj::mv(handler)), errorHandler(kj::heap<IgnoreDisconnects>()),
+      tasks(*errorHandler) {
+  auto parsed = io.provider->getNetwork().parseAddress(address, 0).wait(io.waitScope);
+  listener = parsed->listen();
+  if (address.startsWith("unix:")) {
+    addressText = kj::heapString(address);
+  } else {
+    addressText = kj::str(address, ":", listener->getPort());
+  }
+  tasks.add(acceptLoop());
+}
+
+ScriptedServer::~ScriptedServer() noexcept(false) {}
+
+kj::Own<kj::NetworkAddress> ScriptedServer::address() {
+  return io.provider->getNetwork().parseAddress(addressText).wait(io.waitScope);
+}
+
+void ScriptedServer::closeIdleConnections() {
+  for (auto connection: connections) {
+    if (connection->waitingForRequest) {
+      KJ_IF_MAYBE(f, connection->closeNow) {
+        (*f)->fulfill();
+      }
+    }
+  }
+}
+
+kj::Promise<void> ScriptedServer::acceptLoop() {
+  return listener->accept().then([this](kj::Own<kj::AsyncIoStream>&& stream) {
+    auto connection = kj::heap<Connection>(*this, accepted++, kj::mv(stream));
+    auto& ref = *connection;
+    tasks.add(serve(ref).attach(kj::mv(connection)));
+    return acceptLoop();
+  });
+}
+
+kj::Promise<void> ScriptedServer::serve(Connection& c) {
+  KJ_IF_MAYBE(length, requestLength(kj::arrayPtr(c.buffer.begin(), c.buffer.size()))) {
+    c.waitingForRequest = false;
+    auto text = kj::heapString(c.buffer.begin(), *length);
+    kj::Vector<char> rest;
+    rest.addAll(c.buffer.begin() + *length, c.buffer.end());
+    c.buffer = kj::mv(rest);
+    if (c.buffer.size() > 0) ++pipelined;  // a second request before the first was answered
+    ++busy;
+    maxBusy = kj::max(maxBusy, busy);
+    auto reply = handler(c.index, c.requests++, text);
+    // Watch for pipelined bytes while the reply is delayed.
+    auto extra = kj::heapArray<char>(4096);
+    auto watch = c.stream->tryRead(extra.begin(), 1, extra.size())
+        .then([this, &c, extra = kj::mv(extra)](size_t n) mutable {
+      if (n > 0) ++pipelined;
+      c.buffer.addAll(extra.begin(), extra.begin() + n);
+      return kj::Promise<void>(kj::NEVER_DONE);
+    });
+    auto delay = io.provider->getTimer().afterDelay(reply.delay).exclusiveJoin(kj::mv(watch));
+    return delay.then([this, &c, reply = kj::mv(reply)]() mutable {
+      auto write = writeAll(*c.stream, reply.bytes.asBytes());
+      return write.then([this, &c, reply = kj::mv(reply)]() mutable -> kj::Promise<void> {
+        --busy;
+        ++served;
+        if (reply.closeAfter) return kj::READY_NOW;  // returning ends the connection
+        if (reply.thenUnsolicited.size() > 0) {
+          auto extraBytes = kj::mv(reply.thenUnsolicited);
+          return io.provider->getTimer().afterDelay(5 * kj::MILLISECONDS)
+              .then([&c, extraBytes = kj::mv(extraBytes)]() mutable {
+            return writeAll(*c.stream, extraBytes.asBytes()).attach(kj::mv(extraBytes));
+          }).then([this, &c]() { return serve(c); });
+        }
+        return serve(c);
+      });
+    });
+  }
+  c.waitingForRequest = true;
+  auto chunk = kj::heapArray<char>(4096);
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  c.closeNow = kj::mv(paf.fulfiller);
+  auto closeRequested = paf.promise.then([]() { return size_t(0); });
+  auto read = c.stream->tryRead(chunk.begin(), 1, chunk.size());
+  return read.exclusiveJoin(kj::mv(closeRequested))
+      .then([this, &c, chunk = kj::mv(chunk)](size_t n) mutable -> kj::Promise<void> {
+    c.closeNow = nullptr;
+    if (n == 0) return kj::READY_NOW;  // the client closed, or the test closes it
+    c.buffer.addAll(chunk.begin(), chunk.begin() + n);
+    return serve(c);
+  });
+}
+
 }  // namespace test
 }  // namespace sockfetch

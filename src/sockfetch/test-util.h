@@ -65,5 +65,52 @@ Transport tcpTransport(kj::AsyncIoContext& io);
 kj::String webSocketAccept(kj::StringPtr key);
 // The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455), for scripted handshakes.
 
+class ScriptedServer {
+  // A loopback HTTP/1.1 server whose every answer is scripted by the test, serving many
+  // connections at once. It checks that clients never pipeline: a byte that arrives while a
+  // response is being prepared, or beyond the end of a request, is counted in `pipelined`.
+public:
+  struct Reply {
+    kj::String bytes;             // written as is (may be empty)
+    kj::Duration delay = 0 * kj::MILLISECONDS;  // before writing
+    bool closeAfter = false;      // close the connection after writing
+    kj::String thenUnsolicited;   // written a little after the reply, while idle
+  };
+  using Handler = kj::Function<Reply(unsigned connection, unsigned request, kj::StringPtr text)>;
+  // `connection` counts from 0 in accept order; `request` from 0 on that connection; `text` is
+  // the request head and body.
+
+  ScriptedServer(kj::AsyncIoContext& io, kj::StringPtr address, Handler handler);
+  // `address`: "127.0.0.1" (an ephemeral port is chosen) or "unix:/path".
+  ~ScriptedServer() noexcept(false);
+
+  kj::Own<kj::NetworkAddress> address();
+  // Where clients connect.
+
+  void closeIdleConnections();
+  // Closes every connection that is waiting for its next request.
+
+  unsigned accepted = 0;
+  unsigned served = 0;
+  unsigned pipelined = 0;
+  unsigned open = 0;        // connections currently open
+  unsigned maxBusy = 0;     // most requests being answered at once
+  unsigned busy = 0;
+
+private:
+  struct Connection;
+  kj::AsyncIoContext& io;
+  Handler handler;
+  kj::String addressText;
+  kj::Own<kj::ConnectionReceiver> listener;
+  kj::Vector<Connection*> connections;
+  kj::Own<kj::TaskSet::ErrorHandler> errorHandler;
+  kj::TaskSet tasks;
+
+  kj::Promise<void> acceptLoop();
+  kj::Promise<void> serve(Connection& connection);
+};
+// The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455), for scripted handshakes.
+
 }  // namespace test
 }  // namespace sockfetch

@@ -1,0 +1,22 @@
+#pragma once
+
+#include <kj/async-io.h>
+#include <kj/function.h>
+
+namespace sockfetch {
+
+using Connector = kj::Function<kj::Promise<kj::Own<kj::AsyncIoStream>>()>;
+// Opens a new connection to one upstream each time it is called. A ConnectionPool calls it
+// whenever it needs another connection.
+
+Connector addressConnector(kj::NetworkAddress& address);
+// Connects to `address` (anything kj's parseAddress() yields: "host:port", "unix:/path", ...).
+// `address` must outlive the connector.
+
+Connector tunnelConnector(Connector toProxy, kj::StringPtr target);
+// Reaches `target` ("host:port") through an HTTP proxy: connects with `toProxy`, sends
+// `CONNECT target HTTP/1.1`, and on a 2xx answer yields the tunnel (bytes the proxy sent after its
+// answer included). A proxy that answers anything else fails with an exception naming its status
+// line; one that closes or answers garbage fails with what went wrong.
+
+}  // namespace sockfetch

@@ -1,0 +1,448 @@
+#include "pool.h"
+
+#include <sockfetch/connector.h>
+#include <sockfetch/kj-compat.h>
+#include <sockfetch/test-util.h>
+
+#include <kj/debug.h>
+#include <kj/test.h>
+#include <unistd.h>
+
+namespace sockfetch {
+namespace {
+
+using test::ScriptedServer;
+using Reply = ScriptedServer::Reply;
+
+Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "") {
+  Reply reply;
+  reply.bytes = kj::str("HTTP/1.1 200 OK\r\n", extraHeaders, "Content-Length: ", body.size(),
+      "\r\n\r\n", body);
+  return reply;
+}
+
+Reply echoPath(kj::StringPtr request) {
+  // Answers with the request line's path.
+  auto start = request.findFirst(' ').orDefault(0) + 1;
+  auto end = start;
+  while (end < request.size() && request[end] != ' ') end++;
+  return ok(kj::heapString(request.slice(start).begin(), end - start));
+}
+
+kj::String unixPath() {
+  return kj::str("unix:/tmp/sockfetch-pool-test-", getpid(), ".sock");
+}
+
+struct Env {
+  // An event loop, a scripted upstream and a pool in front of it. Members in dependency order.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::WaitScope& ws = io.waitScope;
+  kj::Timer& timer = io.provider->getTimer();
+  kj::HttpHeaderTable table;
+  kj::Own<ScriptedServer> server;
+  kj::Own<kj::NetworkAddress> address;
+  kj::Own<ConnectionPool> pool;
+
+  explicit Env(ScriptedServer::Handler handler, ConnectionPool::Settings settings = {},
+      bool unix = false) {
+    kj::String path;
+    if (unix) {
+      path = unixPath();
+      unlink(path.slice(strlen("unix:")).cStr());
+    }
+    server = kj::heap<ScriptedServer>(io, unix ? path.asPtr() : "127.0.0.1"_kj, kj::mv(handler));
+    address = server->address();
+    pool = kj::heap<ConnectionPool>(timer, table, *address, kj::mv(settings));
+  }
+
+  kj::HttpHeaders headers() {
+    kj::HttpHeaders h(table);
+    h.set(kj::HttpHeaderId::HOST, "upstream.test");
+    return h;
+  }
+
+  kj::Promise<kj::String> get(kj::StringPtr url) {
+    auto request = pool->request(kj::HttpMethod::GET, url, headers());
+    request.body = nullptr;
+    return request.response.then([](kj::HttpClient::Response&& response) {
+      return response.body->readAllText().attach(kj::mv(response.body));
+    });
+  }
+
+  void settle() {
+    // Lets deferred closes and the peer's reactions happen.
+    timer.afterDelay(20 * kj::MILLISECONDS).wait(ws);
+  }
+
+  template <typename Func>
+  void waitFor(Func&& condition) {
+    auto deadline = timer.now() + 2 * kj::SECONDS;
+    while (!condition() && timer.now() < deadline) {
+      timer.afterDelay(1 * kj::MILLISECONDS).wait(ws);
+    }
+  }
+};
+
+// =================================================================================================
+// Reuse and concurrency
+
+void sequentialReuse(bool unix) {
+  Env env([](unsigned, unsigned, kj::StringPtr request) { return echoPath(request); }, {}, unix);
+  for (int i = 0; i < 20; i++) {
+    KJ_EXPECT(env.get(kj::str("/seq/", i)).wait(env.ws) == kj::str("/seq/", i));
+  }
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(env.server->accepted == 1);
+  KJ_EXPECT(stats.connectionsOpened == 1);
+  KJ_EXPECT(stats.requests == 20);
+  KJ_EXPECT(stats.reuses == 19);
+  KJ_EXPECT(env.pool->getIdleCount() == 1);
+}
+
+KJ_TEST("ConnectionPool reuses one connection for sequential requests (tcp)") {
+  sequentialReuse(false);
+}
+
+KJ_TEST("ConnectionPool reuses one connection for sequential requests (unix socket)") {
+  sequentialReuse(true);
+}
+
+KJ_TEST("ConnectionPool never pipelines: 40 parallel requests over at most 4 connections") {
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 4;
+  Env env([](unsigned, unsigned, kj::StringPtr request) {
+    auto reply = echoPath(request);
+    reply.delay = 2 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  kj::Vector<kj::Promise<kj::String>> responses;
+  for (int i = 0; i < 40; i++) responses.add(env.get(kj::str("/p/", i)));
+  auto texts = kj::joinPromises(responses.releaseAsArray()).wait(env.ws);
+  for (int i = 0; i < 40; i++) KJ_EXPECT(texts[i] == kj::str("/p/", i));
+  KJ_EXPECT(env.server->pipelined == 0, "a connection carried two requests at once");
+  KJ_EXPECT(env.server->accepted <= 4, env.server->accepted);
+  KJ_EXPECT(env.server->maxBusy <= 4);
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.waits > 0);
+  KJ_EXPECT(stats.reuses >= 36, stats.reuses);
+  KJ_EXPECT(env.pool->getOpenCount() <= 4);
+}
+
+KJ_TEST("ConnectionPool never pipelines with many connections and parallel bursts") {
+  Env env([](unsigned, unsigned request, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.delay = (request % 3) * kj::MILLISECONDS;
+    return reply;
+  });
+  for (int round = 0; round < 5; round++) {
+    kj::Vector<kj::Promise<kj::String>> responses;
+    for (int i = 0; i < 30; i++) responses.add(env.get(kj::str("/r", round, "/", i)));
+    auto texts = kj::joinPromises(responses.releaseAsArray()).wait(env.ws);
+    for (int i = 0; i < 30; i++) KJ_EXPECT(texts[i] == kj::str("/r", round, "/", i));
+  }
+  KJ_EXPECT(env.server->pipelined == 0);
+  KJ_EXPECT(env.pool->getStats().reuses >= 120, env.pool->getStats().reuses);
+}
+
+// =================================================================================================
+// The stale keep-alive race
+
+Reply closeOnSecond(unsigned connection, unsigned request, kj::StringPtr text) {
+  // The first connection answers once, then takes the next request and closes without a word.
+  if (connection == 0 && request == 1) {
+    Reply reply;
+    reply.closeAfter = true;
+    return reply;
+  }
+  return echoPath(text);
+}
+
+KJ_TEST("ConnectionPool retries a GET that hit a stale connection, once, on a new connection") {
+  Env env(closeOnSecond);
+  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+  KJ_EXPECT(env.get("/two").wait(env.ws) == "/two");
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.retries == 1);
+  KJ_EXPECT(stats.connectionsOpened == 2);
+  KJ_EXPECT(env.server->accepted == 2);
+  KJ_EXPECT(stats.droppedFailed == 1);
+}
+
+KJ_TEST("ConnectionPool does not retry a POST that hit a stale connection") {
+  Env env(closeOnSecond);
+  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+  auto request = env.pool->request(kj::HttpMethod::POST, "/post", env.headers(), uint64_t(4));
+  auto write = writeAll(*request.body, "data"_kj.asBytes());
+  write.wait(env.ws);
+  request.body = nullptr;
+  KJ_EXPECT_THROW(DISCONNECTED, request.response.wait(env.ws));
+  KJ_EXPECT(env.pool->getStats().retries == 0);
+  KJ_EXPECT(env.server->accepted == 1);
+}
+
+KJ_TEST("ConnectionPool retries a replayable PUT body on a stale connection") {
+  Env env(closeOnSecond);
+  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+  auto request = env.pool->request(kj::HttpMethod::PUT, "/put", env.headers(), uint64_t(4));
+  writeAll(*request.body, "data"_kj.asBytes()).wait(env.ws);
+  request.body = nullptr;
+  auto response = request.response.wait(env.ws);
+  KJ_EXPECT(response.body->readAllText().wait(env.ws) == "/put");
+  KJ_EXPECT(env.pool->getStats().retries == 1);
+}
+
+// =================================================================================================
+// Drop reasons
+
+KJ_TEST("ConnectionPool counts Connection: close, HTTP/1.0, malformed and abandoned drops") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    if (text.startsWith("GET /close ")) return ok("bye", "Connection: close\r\n");
+    if (text.startsWith("GET /old ")) {
+      Reply reply;
+      reply.bytes = kj::str("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold");
+      return reply;
+    }
+    if (text.startsWith("GET /bad ")) {
+      Reply reply;
+      reply.bytes = kj::str("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+      return reply;
+    }
+    return ok("0123456789");
+  });
+  KJ_EXPECT(env.get("/close").wait(env.ws) == "bye");
+  KJ_EXPECT(env.get("/old").wait(env.ws) == "old");
+  KJ_EXPECT_THROW_MESSAGE("chunk", env.get("/bad").wait(env.ws));
+  {
+    auto request = env.pool->request(kj::HttpMethod::GET, "/abandon", env.headers());
+    request.body = nullptr;
+    auto response = request.response.wait(env.ws);
+    char c;
+    response.body->tryRead(&c, 1, 1).wait(env.ws);
+  }  // body dropped after one byte
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.droppedConnectionClose == 1);
+  KJ_EXPECT(stats.droppedNotReusable == 1);
+  KJ_EXPECT(stats.droppedFailed == 1);
+  KJ_EXPECT(stats.droppedAbandoned == 1);
+  KJ_EXPECT(env.pool->getIdleCount() == 0);
+  env.waitFor([&]() { return env.server->open == 0; });
+  KJ_EXPECT(env.server->open == 0, "dropped connections were not closed");
+}
+
+KJ_TEST("ConnectionPool drops an idle connection the server sends unsolicited bytes on") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.thenUnsolicited = kj::str("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON");
+    return reply;
+  });
+  KJ_EXPECT(env.get("/a").wait(env.ws) == "/a");
+  env.waitFor([&]() { return env.pool->getStats().droppedUnsolicitedBytes == 1; });
+  KJ_EXPECT(env.pool->getStats().droppedUnsolicitedBytes == 1);
+  KJ_EXPECT(env.pool->getIdleCount() == 0);
+  // The next request gets a new connection and the real answer, never the poison.
+  KJ_EXPECT(env.get("/b").wait(env.ws) == "/b");
+  KJ_EXPECT(env.server->accepted == 2);
+}
+
+KJ_TEST("ConnectionPool drops an idle connection the server closed") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) { return echoPath(text); });
+  KJ_EXPECT(env.get("/a").wait(env.ws) == "/a");
+  env.settle();
+  env.server->closeIdleConnections();
+  env.waitFor([&]() { return env.pool->getStats().droppedPeerClosedIdle == 1; });
+  KJ_EXPECT(env.pool->getStats().droppedPeerClosedIdle == 1);
+  KJ_EXPECT(env.pool->getIdleCount() == 0);
+  KJ_EXPECT(env.get("/b").wait(env.ws) == "/b");
+  KJ_EXPECT(env.pool->getStats().retries == 0);
+}
+
+KJ_TEST("ConnectionPool closes connections idle longer than idleTimeout") {
+  ConnectionPool::Settings settings;
+  settings.idleTimeout = 30 * kj::MILLISECONDS;
+  Env env([](unsigned, unsigned, kj::StringPtr text) { return echoPath(text); },
+      kj::mv(settings));
+  KJ_EXPECT(env.get("/a").wait(env.ws) == "/a");
+  KJ_EXPECT(env.pool->getIdleCount() == 1);
+  env.waitFor([&]() { return env.server->open == 0; });
+  KJ_EXPECT(env.pool->getStats().droppedIdleTimeout == 1);
+  KJ_EXPECT(env.pool->getIdleCount() == 0);
+  KJ_EXPECT(env.server->open == 0, "the timed-out connection was not closed");
+}
+
+KJ_TEST("ConnectionPool honours maxRequestsPerConnection, neverReuse and maxIdleConnections") {
+  {
+    ConnectionPool::Settings settings;
+    settings.maxRequestsPerConnection = 2;
+    Env env([](unsigned, unsigned, kj::StringPtr text) { return echoPath(text); },
+        kj::mv(settings));
+    for (int i = 0; i < 4; i++) KJ_EXPECT(env.get("/x").wait(env.ws) == "/x");
+    KJ_EXPECT(env.pool->getStats().droppedMaxRequests == 2);
+    KJ_EXPECT(env.server->accepted == 2);
+  }
+  {
+    ConnectionPool::Settings settings;
+    settings.neverReuse = true;
+    Env env([](unsigned, unsigned, kj::StringPtr text) { return echoPath(text); },
+        kj::mv(settings));
+    for (int i = 0; i < 3; i++) KJ_EXPECT(env.get("/y").wait(env.ws) == "/y");
+    KJ_EXPECT(env.pool->getStats().droppedNeverReuse == 3);
+    KJ_EXPECT(env.pool->getStats().reuses == 0);
+    KJ_EXPECT(env.server->accepted == 3);
+  }
+  {
+    ConnectionPool::Settings settings;
+    settings.maxIdleConnections = 1;
+    Env env([](unsigned, unsigned, kj::StringPtr text) {
+      auto reply = echoPath(text);
+      reply.delay = 5 * kj::MILLISECONDS;
+      return reply;
+    }, kj::mv(settings));
+    kj::Vector<kj::Promise<kj::String>> responses;
+    for (int i = 0; i < 3; i++) responses.add(env.get("/z"));
+    kj::joinPromises(responses.releaseAsArray()).wait(env.ws);
+    KJ_EXPECT(env.pool->getStats().droppedIdleLimit == 2);
+    KJ_EXPECT(env.pool->getIdleCount() == 1);
+  }
+}
+
+// =================================================================================================
+// Saturation
+
+KJ_TEST("ConnectionPool fails with OVERLOADED past its wait queue") {
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  settings.maxWaiting = 1;
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.delay = 50 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  auto first = env.get("/1");
+  auto second = env.get("/2");
+  auto third = env.get("/3");
+  KJ_EXPECT_THROW(OVERLOADED, third.wait(env.ws));
+  KJ_EXPECT(first.wait(env.ws) == "/1");
+  KJ_EXPECT(second.wait(env.ws) == "/2");
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.overloaded == 1);
+  KJ_EXPECT(stats.waits == 1);
+  KJ_EXPECT(env.server->accepted == 1);
+  KJ_EXPECT_THROW_MESSAGE("saturated", env.get("/4").exclusiveJoin(env.get("/5"))
+      .exclusiveJoin(env.get("/6")).wait(env.ws));
+}
+
+KJ_TEST("ConnectionPool fails with OVERLOADED after waitTimeout") {
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  settings.waitTimeout = 30 * kj::MILLISECONDS;
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.delay = 300 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  auto first = env.get("/1");
+  auto second = env.get("/2");
+  KJ_EXPECT_THROW_MESSAGE("waited 30 ms for a free connection", second.wait(env.ws));
+  KJ_EXPECT(first.wait(env.ws) == "/1");
+  KJ_EXPECT(env.pool->getStats().overloaded == 1);
+}
+
+KJ_TEST("ConnectionPool reports a connection that cannot be opened") {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::HttpHeaderTable table;
+  // A port that was just listening and is now closed.
+  auto& network = io.provider->getNetwork();
+  kj::uint port;
+  {
+    auto listener = network.parseAddress("127.0.0.1", 0).wait(io.waitScope)->listen();
+    port = listener->getPort();
+  }
+  auto address = network.parseAddress("127.0.0.1", port).wait(io.waitScope);
+  ConnectionPool pool(io.provider->getTimer(), table, *address);
+  kj::HttpHeaders headers(table);
+  auto request = pool.request(kj::HttpMethod::GET, "/", headers);
+  request.body = nullptr;
+  KJ_EXPECT_THROW(DISCONNECTED, request.response.wait(io.waitScope));
+  KJ_EXPECT(pool.getStats().connectFailures == 1);
+  KJ_EXPECT(pool.getOpenCount() == 0);
+}
+
+// =================================================================================================
+// CONNECT tunnels
+
+KJ_TEST("ConnectionPool speaks HTTP through a CONNECT tunnel") {
+  kj::Vector<kj::String> seen;
+  Env env([&seen](unsigned, unsigned request, kj::StringPtr text) {
+    seen.add(kj::heapString(text));
+    if (request == 0) {
+      Reply reply;
+      reply.bytes = kj::str("HTTP/1.1 200 Connection Established\r\n\r\n");
+      return reply;
+    }
+    return echoPath(text);  // the proxy's far end: the origin itself
+  });
+  auto proxy = env.server->address();
+  ConnectionPool tunnelled(env.timer, env.table,
+      tunnelConnector(addressConnector(*proxy), "origin.test:8080"));
+  for (int i = 0; i < 3; i++) {
+    auto request = tunnelled.request(kj::HttpMethod::GET, kj::str("/t/", i), env.headers());
+    request.body = nullptr;
+    auto response = request.response.wait(env.ws);
+    KJ_EXPECT(response.body->readAllText().wait(env.ws) == kj::str("/t/", i));
+  }
+  KJ_ASSERT(seen.size() == 4);
+  KJ_EXPECT(seen[0].startsWith("CONNECT origin.test:8080 HTTP/1.1\r\n"), seen[0]);
+  KJ_EXPECT(seen[1].startsWith("GET /t/0 HTTP/1.1\r\n"), seen[1]);
+  KJ_EXPECT(env.server->accepted == 1);
+  KJ_EXPECT(tunnelled.getStats().reuses == 2);
+}
+
+KJ_TEST("ConnectionPool reports a proxy that refuses CONNECT, naming its status") {
+  Env env([](unsigned, unsigned, kj::StringPtr) {
+    Reply reply;
+    reply.bytes = kj::str("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+    return reply;
+  });
+  auto proxy = env.server->address();
+  ConnectionPool tunnelled(env.timer, env.table,
+      tunnelConnector(addressConnector(*proxy), "blocked.test:443"));
+  auto request = tunnelled.request(kj::HttpMethod::GET, "/", env.headers());
+  request.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("refused to open a tunnel to blocked.test:443: \"403 Forbidden\"",
+      request.response.wait(env.ws));
+  KJ_EXPECT(tunnelled.getStats().connectFailures == 1);
+}
+
+// =================================================================================================
+// Destruction
+
+KJ_TEST("ConnectionPool destroyed mid-flight fails waiters and lets the request in flight finish") {
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.delay = 20 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  auto firstRequest = env.pool->request(kj::HttpMethod::GET, "/first", env.headers());
+  firstRequest.body = nullptr;
+  auto second = env.get("/second");
+  auto firstResponse = firstRequest.response.wait(env.ws);
+  KJ_EXPECT(!second.poll(env.ws));
+  env.pool = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("ConnectionPool was destroyed", second.wait(env.ws));
+  KJ_EXPECT(firstResponse.body->readAllText().wait(env.ws) == "/first");
+  firstResponse.body = nullptr;
+  env.waitFor([&]() { return env.server->open == 0; });
+  KJ_EXPECT(env.server->open == 0);
+}
+
+KJ_TEST("ConnectionPool destroyed with a request still connecting") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) { return echoPath(text); });
+  auto pending = env.get("/never");
+  env.pool = nullptr;
+  KJ_EXPECT_THROW(DISCONNECTED, pending.wait(env.ws));
+}
+
+}  // namespace
+}  // namespace sockfetch

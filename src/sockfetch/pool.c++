@@ -1,0 +1,568 @@
+#include "pool.h"
+
+#include <sockfetch/kj-compat.h>
+
+#include <kj/debug.h>
+
+namespace sockfetch {
+
+namespace {
+
+class LogErrors final: public kj::TaskSet::ErrorHandler {
+public:
+  void taskFailed(kj::Exception&& exception) override {
+    KJ_LOG(ERROR, "ConnectionPool background task failed", exception);
+  }
+};
+
+bool isIdempotent(kj::HttpMethod method) {
+  switch (method) {
+    case kj::HttpMethod::GET:
+    case kj::HttpMethod::HEAD:
+    case kj::HttpMethod::OPTIONS:
+    case kj::HttpMethod::TRACE:
+    case kj::HttpMethod::PUT:
+    case kj::HttpMethod::DELETE:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+// =================================================================================================
+// Connection: one pooled StreamFetcher. Refcounted: the pool's idle list, a request being sent and
+// the response body each hold a reference, so the fetcher lives as long as its exchange needs.
+
+class ConnectionPool::Connection final: public kj::Refcounted, public StreamFetcher::Observer {
+public:
+  Connection(ConnectionPool& pool, kj::Own<kj::AsyncIoStream> stream)
+      : pool(pool), fetcher(kj::heap<StreamFetcher>(kj::mv(stream), pool.table,
+                        pool.settings.fetcher)) {
+    fetcher->setObserver(*this);
+    pool.all.add(this);
+  }
+
+  ~Connection() noexcept(false) {
+    detach();
+  }
+
+  void detach() {
+    // Leaves the pool: no longer counted, no more callbacks.
+    KJ_IF_MAYBE(p, pool) {
+      for (size_t i = 0; i < p->all.size(); i++) {
+        if (p->all[i] == this) {
+          p->all[i] = p->all.back();
+          p->all.removeLast();
+          break;
+        }
+      }
+      pool = nullptr;
+      fetcher->setObserver(nullptr);
+    }
+  }
+
+  void fetcherIdle(StreamFetcher&) override {
+    KJ_IF_MAYBE(p, pool) {
+      p->connectionIdle(*this);
+    }
+  }
+
+  void fetcherClosed(StreamFetcher&) override {
+    KJ_IF_MAYBE(p, pool) {
+      p->connectionClosed(*this);
+    }
+  }
+
+  kj::Maybe<ConnectionPool&> pool;
+  kj::Own<StreamFetcher> fetcher;
+  uint64_t uses = 0;
+  kj::Maybe<kj::Promise<void>> idleTimer;  // while idle
+};
+
+// =================================================================================================
+// Waiter: a request waiting for a connection.
+
+class ConnectionPool::Waiter {
+public:
+  Waiter(ConnectionPool& pool, bool fresh, kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> f)
+      : pool(pool), fresh(fresh), fulfiller(kj::mv(f)) {
+    pool.waiters.add(this);
+  }
+  ~Waiter() noexcept(false) {
+    unlink();
+  }
+  KJ_DISALLOW_COPY(Waiter);
+
+  void unlink() {
+    auto& list = pool.waiters;
+    for (size_t i = 0; i < list.size(); i++) {
+      if (list[i] == this) {
+        for (size_t j = i + 1; j < list.size(); j++) list[j - 1] = list[j];
+        list.removeLast();
+        return;
+      }
+    }
+  }
+
+  ConnectionPool& pool;
+  bool fresh;
+  kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller;
+};
+
+// =================================================================================================
+// Attempt: one request through the pool, shared by its body stream and its response chain.
+
+class ConnectionPool::Attempt final: public kj::Refcounted {
+public:
+  enum class BodyMode { NONE, BUFFERED, STREAMING };
+
+  Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
+      const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
+      : pool(pool), method(method), url(kj::heapString(url)),
+        headers(kj::heap(headers.clone())), expectedBodySize(expectedBodySize) {
+    bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
+    KJ_IF_MAYBE(size, expectedBodySize) {
+      if (isGet && *size == 0) {
+        bodyMode = BodyMode::NONE;
+      } else if (*size <= pool.settings.maxReplayBodyBytes) {
+        bodyMode = BodyMode::BUFFERED;
+        expected = *size;
+      } else {
+        bodyMode = BodyMode::STREAMING;
+      }
+    } else if (isGet && headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) == nullptr) {
+      bodyMode = BodyMode::NONE;
+    } else {
+      bodyMode = BodyMode::STREAMING;
+    }
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    bodyBuffered = paf.promise.fork();
+    bodyBufferedFulfiller = kj::mv(paf.fulfiller);
+    if (bodyMode != BodyMode::BUFFERED || expected == 0) bodyBufferedFulfiller->fulfill();
+  }
+
+  kj::Promise<Response> run() {
+    // Waits for a buffered body, takes a connection, sends.
+    return bodyBuffered.addBranch()
+        .then([this]() { return pool.acquire(false); })
+        .then([this](kj::Own<Connection>&& connection) { return send(kj::mv(connection)); });
+  }
+
+  kj::Promise<Response> send(kj::Own<Connection> connection) {
+    auto& fetcher = *connection->fetcher;
+    if (fetcher.getState() != StreamFetcher::State::IDLE) {
+      // Lost between being handed out and now: nothing was sent, so try a new connection.
+      return retryOrThrow(KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost "
+          "before the request was sent: ", fetcher.getCloseReason().orDefault("unknown"))), false, false);
+    }
+    bool reused = connection->uses > 0;
+    if (reused) ++pool.stats.reuses;
+    ++connection->uses;
+
+    auto request = fetcher.request(method, url, *headers, expectedBodySize);
+    switch (bodyMode) {
+      case BodyMode::NONE:
+        request.body = nullptr;
+        break;
+      case BodyMode::BUFFERED: {
+        auto bytes = buffered.asPtr();
+        auto write = writeAll(*request.body, bytes).attach(kj::mv(request.body));
+        // A failed write also fails the response; nothing more to report here.
+        bodyWrite = write.eagerlyEvaluate([](kj::Exception&&) {});
+        break;
+      }
+      case BodyMode::STREAMING:
+        if (streamingDropped) {
+          request.body = nullptr;
+        } else {
+          innerBody = kj::mv(request.body);
+          KJ_IF_MAYBE(waiter, innerBodyWaiter) {
+            (*waiter)->fulfill();
+            innerBodyWaiter = nullptr;
+          }
+        }
+        break;
+    }
+
+    auto forBody = kj::addRef(*connection);
+    return request.response.then(
+        [forBody = kj::mv(forBody)](Response&& response) mutable -> kj::Promise<Response> {
+      // The response body keeps the connection (and so its fetcher) alive until it is dropped.
+      response.body = response.body.attach(kj::mv(forBody));
+      return kj::mv(response);
+    }, [this, reused, connection = kj::mv(connection)](kj::Exception&& e) mutable
+        -> kj::Promise<Response> {
+      auto& f = *connection->fetcher;
+      return retryOrThrow(kj::mv(e), reused && !f.lastExchangeReceivedResponse(),
+          f.lastExchangeWroteRequest());
+    });
+  }
+
+  kj::Promise<Response> retryOrThrow(kj::Exception&& e, bool staleCandidate, bool wroteAny) {
+    // `staleCandidate`: failed on a reused connection before any response byte. The request is
+    // sent again if it never reached the connection, or it is idempotent and replayable.
+    bool retry = !retried && e.getType() == kj::Exception::Type::DISCONNECTED &&
+        bodyMode != BodyMode::STREAMING &&
+        (!wroteAny || (staleCandidate && isIdempotent(method)));
+    if (!retry) return kj::mv(e);
+    retried = true;
+    ++pool.stats.retries;
+    return pool.acquire(true).then([this](kj::Own<Connection>&& connection) {
+      return send(kj::mv(connection));
+    });
+  }
+
+  // Body handling, used by PendingBody.
+  kj::Promise<void> write(kj::ArrayPtr<const kj::byte> bytes) {
+    switch (bodyMode) {
+      case BodyMode::NONE:
+        return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
+            "expectedBodySize); pass expectedBodySize to send one");
+      case BodyMode::BUFFERED:
+        if (buffered.size() + bytes.size() > expected) {
+          return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
+              expected, " bytes; declare the right expectedBodySize"));
+        }
+        buffered.addAll(bytes);
+        if (buffered.size() == expected) bodyBufferedFulfiller->fulfill();
+        return kj::READY_NOW;
+      case BodyMode::STREAMING:
+        KJ_IF_MAYBE(inner, innerBody) {
+          return writeAll(**inner, bytes);
+        }
+        auto paf = kj::newPromiseAndFulfiller<void>();
+        innerBodyWaiter = kj::mv(paf.fulfiller);
+        return paf.promise.then([this, bytes]() { return write(bytes); });
+    }
+    KJ_UNREACHABLE;
+  }
+
+  void bodyDropped() {
+    switch (bodyMode) {
+      case BodyMode::NONE:
+        break;
+      case BodyMode::BUFFERED:
+        if (buffered.size() < expected && bodyBufferedFulfiller->isWaiting()) {
+          bodyBufferedFulfiller->reject(KJ_EXCEPTION(FAILED, kj::str("the request body was "
+              "dropped after ", buffered.size(), " of its ", expected, " bytes; nothing was "
+              "sent")));
+        }
+        break;
+      case BodyMode::STREAMING:
+        streamingDropped = true;
+        innerBody = nullptr;  // finishes (chunked) or aborts (short fixed-length) the body
+        break;
+    }
+  }
+
+  void failPendingWrites(const kj::Exception& e) {
+    KJ_IF_MAYBE(waiter, innerBodyWaiter) {
+      (*waiter)->reject(cloneException(e));
+      innerBodyWaiter = nullptr;
+    }
+  }
+
+  ConnectionPool& pool;
+  kj::HttpMethod method;
+  kj::String url;
+  kj::Own<kj::HttpHeaders> headers;
+  kj::Maybe<uint64_t> expectedBodySize;
+  BodyMode bodyMode = BodyMode::NONE;
+  uint64_t expected = 0;
+  kj::Vector<kj::byte> buffered;
+  kj::ForkedPromise<void> bodyBuffered = nullptr;
+  kj::Own<kj::PromiseFulfiller<void>> bodyBufferedFulfiller;
+  kj::Maybe<kj::Own<kj::AsyncOutputStream>> innerBody;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
+  kj::Promise<void> bodyWrite = nullptr;
+  bool streamingDropped = false;
+  bool retried = false;
+};
+
+class ConnectionPool::PendingBody final: public kj::AsyncOutputStream {
+  // The request body handed to the caller before a connection is chosen.
+public:
+  explicit PendingBody(kj::Own<Attempt> attempt): attempt(kj::mv(attempt)) {}
+  ~PendingBody() noexcept(false) {
+    attempt->bodyDropped();
+  }
+
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return attempt->write(kj::arrayPtr(reinterpret_cast<const kj::byte*>(buffer), size));
+  }
+
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    if (pieces.size() == 0) return kj::READY_NOW;
+    auto first = pieces[0];
+    auto rest = pieces.slice(1, pieces.size());
+    return attempt->write(first).then([this, rest]() { return write(rest); });
+  }
+
+  kj::Promise<void> whenWriteDisconnected() override {
+    return kj::NEVER_DONE;
+  }
+
+private:
+  kj::Own<Attempt> attempt;
+};
+
+// =================================================================================================
+// ConnectionPool
+
+ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,
+    Connector connector, Settings settings)
+    : timer(timer), table(table), connector(kj::mv(connector)), settings(kj::mv(settings)),
+      errorHandler(kj::heap<LogErrors>()), tasks(*errorHandler) {
+  KJ_REQUIRE(this->settings.maxConnections > 0, "ConnectionPool needs maxConnections >= 1");
+}
+
+ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,
+    kj::NetworkAddress& address, Settings settings)
+    : ConnectionPool(timer, table, addressConnector(address), kj::mv(settings)) {}
+
+ConnectionPool::~ConnectionPool() noexcept(false) {
+  // Fails every request still waiting or being set up (they touch the pool), then lets the
+  // connections in flight finish on their own.
+  canceler.cancel(KJ_EXCEPTION(DISCONNECTED,
+      "the ConnectionPool was destroyed while this request was waiting for a connection"));
+  while (!all.empty()) all.back()->detach();
+  idle.clear();
+}
+
+kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
+    const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
+  ++stats.requests;
+  auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
+  kj::Own<kj::AsyncOutputStream> body = kj::heap<PendingBody>(kj::addRef(*attempt));
+  Attempt* raw = attempt.get();
+  auto response = canceler.wrap(raw->run())
+      .catch_([raw](kj::Exception&& e) -> Response {
+    raw->failPendingWrites(e);
+    kj::throwFatalException(kj::mv(e));
+  }).attach(kj::mv(attempt));
+  return Request{kj::mv(body), kj::mv(response)};
+}
+
+kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
+    kj::StringPtr url, const kj::HttpHeaders& headers) {
+  ++stats.requests;
+  auto ownUrl = kj::heapString(url);
+  auto ownHeaders = kj::heap(headers.clone());
+  auto promise = acquire(false).then([this, url = kj::mv(ownUrl), headers = kj::mv(ownHeaders)](
+      kj::Own<Connection>&& connection) mutable {
+    if (connection->uses > 0) ++stats.reuses;
+    ++connection->uses;
+    auto forResult = kj::addRef(*connection);
+    return connection->fetcher->openWebSocket(url, *headers)
+        .then([connection = kj::mv(forResult)](WebSocketResponse&& response) mutable {
+      KJ_SWITCH_ONEOF(response.webSocketOrBody) {
+        KJ_CASE_ONEOF(socket, kj::Own<kj::WebSocket>) {
+          response.webSocketOrBody = socket.attach(kj::mv(connection));
+        }
+        KJ_CASE_ONEOF(body, kj::Own<kj::AsyncInputStream>) {
+          response.webSocketOrBody = body.attach(kj::mv(connection));
+        }
+      }
+      return kj::mv(response);
+    }).attach(kj::mv(url), kj::mv(headers), kj::mv(connection));
+  });
+  return canceler.wrap(kj::mv(promise));
+}
+
+kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fresh) {
+  if (!fresh) {
+    while (!idle.empty()) {
+      auto connection = kj::mv(idle.back());
+      idle.removeLast();
+      connection->idleTimer = nullptr;
+      if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
+        return kj::mv(connection);
+      }
+      dispose(kj::mv(connection));
+    }
+  }
+  if (getOpenCount() >= settings.maxConnections && fresh && !idle.empty()) {
+    // Make room for the new connection a retry needs: close the least recently used idle one.
+    closeIdle(0, &Stats::droppedIdleLimit);
+  }
+  if (getOpenCount() < settings.maxConnections) return connect();
+
+  if (waiters.size() >= settings.maxWaiting) {
+    ++stats.overloaded;
+    return KJ_EXCEPTION(OVERLOADED, kj::str("the connection pool is saturated: all ",
+        settings.maxConnections, " connections are busy and ", waiters.size(), " requests are "
+        "already waiting; raise maxConnections or maxWaiting, or send fewer requests at once"));
+  }
+  ++stats.waits;
+  auto paf = kj::newPromiseAndFulfiller<kj::Own<Connection>>();
+  auto waiter = kj::heap<Waiter>(*this, fresh, kj::mv(paf.fulfiller));
+  auto timeout = timer.afterDelay(settings.waitTimeout)
+      .then([this]() -> kj::Own<Connection> {
+    ++stats.overloaded;
+    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("waited ",
+        settings.waitTimeout / kj::MILLISECONDS, " ms for a free connection and got none; the "
+        "upstream is slow or maxConnections is too low")));
+  });
+  return paf.promise.attach(kj::mv(waiter)).exclusiveJoin(kj::mv(timeout));
+}
+
+class ConnectionPool::ConnectSlot {
+  // Counts a connection being opened against maxConnections until the attempt ends, however.
+public:
+  explicit ConnectSlot(ConnectionPool& pool): pool(pool) {
+    ++pool.connecting;
+  }
+  ~ConnectSlot() noexcept(false) {
+    release();
+  }
+  KJ_DISALLOW_COPY(ConnectSlot);
+  void release() {
+    if (held) {
+      held = false;
+      --pool.connecting;
+    }
+  }
+
+private:
+  ConnectionPool& pool;
+  bool held = true;
+};
+
+kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
+  auto slot = kj::heap<ConnectSlot>(*this);
+  auto* s = slot.get();
+  auto timeout = timer.afterDelay(settings.connectTimeout)
+      .then([this]() -> kj::Own<kj::AsyncIoStream> {
+    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, kj::str("connecting to the upstream "
+        "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms")));
+  });
+  return connector().exclusiveJoin(kj::mv(timeout))
+      .then([this, s](kj::Own<kj::AsyncIoStream>&& stream) {
+    s->release();
+    ++stats.connectionsOpened;
+    return kj::refcounted<Connection>(*this, kj::mv(stream));
+  }, [this, s](kj::Exception&& e) -> kj::Own<Connection> {
+    s->release();
+    ++stats.connectFailures;
+    serveWaiters();
+    kj::throwFatalException(kj::mv(e));
+  }).attach(kj::mv(slot));
+}
+
+void ConnectionPool::connectionIdle(Connection& connection) {
+  // The connection came back clean. Called from within its fetcher: nothing here destroys it.
+  if (settings.neverReuse) {
+    ++stats.droppedNeverReuse;
+    connection.detach();
+    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    serveWaiters();
+    return;
+  }
+  if (settings.maxRequestsPerConnection > 0 &&
+      connection.uses >= settings.maxRequestsPerConnection) {
+    ++stats.droppedMaxRequests;
+    connection.detach();
+    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    serveWaiters();
+    return;
+  }
+  while (!waiters.empty()) {
+    auto& waiter = *waiters[0];
+    waiter.unlink();
+    if (!waiter.fulfiller->isWaiting()) continue;
+    if (waiter.fresh) {
+      // A retry must not reuse: close this one and open a new connection for it.
+      ++stats.droppedIdleLimit;
+      connection.detach();
+      tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+      connectFor(kj::mv(waiter.fulfiller));
+      return;
+    }
+    waiter.fulfiller->fulfill(kj::addRef(connection));
+    return;
+  }
+  if (idle.size() >= settings.maxIdleConnections) {
+    ++stats.droppedIdleLimit;
+    connection.detach();
+    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    return;
+  }
+  Connection* raw = &connection;
+  connection.idleTimer = timer.afterDelay(settings.idleTimeout).then([this, raw]() {
+    for (size_t i = 0; i < idle.size(); i++) {
+      if (idle[i].get() == raw) {
+        closeIdle(i, &Stats::droppedIdleTimeout);
+        return;
+      }
+    }
+  }).eagerlyEvaluate([](kj::Exception&& e) { KJ_LOG(ERROR, "idle timer failed", e); });
+  idle.add(kj::addRef(connection));
+}
+
+void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
+  ++(stats.*counter);
+  auto connection = kj::mv(idle[index]);
+  for (size_t j = index + 1; j < idle.size(); j++) idle[j - 1] = kj::mv(idle[j]);
+  idle.removeLast();
+  connection->detach();
+  // The idle timer that may be calling us lives in the connection: destroy it later.
+  dispose(kj::mv(connection));
+  serveWaiters();
+}
+
+void ConnectionPool::connectionClosed(Connection& connection) {
+  // Called from within the fetcher (possibly from its idle watch): defer any destruction.
+  countClose(connection.fetcher->getCloseKind());
+  connection.detach();
+  for (size_t i = 0; i < idle.size(); i++) {
+    if (idle[i].get() == &connection) {
+      auto own = kj::mv(idle[i]);
+      for (size_t j = i + 1; j < idle.size(); j++) idle[j - 1] = kj::mv(idle[j]);
+      idle.removeLast();
+      dispose(kj::mv(own));
+      break;
+    }
+  }
+  serveWaiters();
+}
+
+void ConnectionPool::dispose(kj::Own<Connection> connection) {
+  tasks.add(kj::evalLater([connection = kj::mv(connection)]() {}));
+}
+
+void ConnectionPool::serveWaiters() {
+  // Capacity was freed: open connections for waiting requests.
+  while (!waiters.empty() && getOpenCount() < settings.maxConnections) {
+    auto& waiter = *waiters[0];
+    waiter.unlink();
+    if (!waiter.fulfiller->isWaiting()) continue;
+    connectFor(kj::mv(waiter.fulfiller));
+  }
+}
+
+void ConnectionPool::connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller) {
+  auto* f = fulfiller.get();
+  tasks.add(connect().then([f](kj::Own<Connection>&& connection) {
+    f->fulfill(kj::mv(connection));
+  }, [f](kj::Exception&& e) {
+    f->reject(kj::mv(e));
+  }).attach(kj::mv(fulfiller)));
+}
+
+void ConnectionPool::countClose(StreamFetcher::CloseKind kind) {
+  switch (kind) {
+    case StreamFetcher::CloseKind::NONE: break;
+    case StreamFetcher::CloseKind::PEER_CLOSED_IDLE: ++stats.droppedPeerClosedIdle; break;
+    case StreamFetcher::CloseKind::UNSOLICITED_BYTES: ++stats.droppedUnsolicitedBytes; break;
+    case StreamFetcher::CloseKind::CONNECTION_CLOSE: ++stats.droppedConnectionClose; break;
+    case StreamFetcher::CloseKind::NOT_REUSABLE: ++stats.droppedNotReusable; break;
+    case StreamFetcher::CloseKind::UPGRADED: ++stats.droppedUpgraded; break;
+    case StreamFetcher::CloseKind::ABANDONED: ++stats.droppedAbandoned; break;
+    case StreamFetcher::CloseKind::REQUEST_INCOMPLETE: ++stats.droppedRequestIncomplete; break;
+    case StreamFetcher::CloseKind::FAILED: ++stats.droppedFailed; break;
+  }
+}
+
+}  // namespace sockfetch

@@ -1,0 +1,151 @@
+#pragma once
+
+#include <sockfetch/connector.h>
+#include <sockfetch/stream-fetcher.h>
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/timer.h>
+#include <kj/vector.h>
+
+namespace sockfetch {
+
+class ConnectionPool final: public kj::HttpClient {
+  // An HTTP/1.1 client for one upstream that owns many StreamFetchers, one connection each, and
+  // never puts two requests on one connection.
+  //
+  // A request takes the most recently used idle connection, else opens a new one (up to
+  // Settings::maxConnections), else waits in a bounded queue. The connection comes back to the
+  // pool when its StreamFetcher gives it back (response body read to its end, connection clean);
+  // anything else drops it, and the drop is counted by reason (getStats()). Idle connections are
+  // watched by their fetchers: the server closing one, or sending anything on it, removes it.
+  //
+  // Retry: a request that fails on a *reused* connection before any byte of a response arrived
+  // (the stale keep-alive race: the server closed the connection as the request went out) is
+  // sent once more on a new connection when that is safe: the request never reached the
+  // connection at all, or its method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and
+  // the pool can replay its body (none, or one of known size up to
+  // Settings::maxReplayBodyBytes, which the pool then buffers before sending). Never twice, and
+  // never a POST whose bytes reached the server.
+  //
+  // Lifetimes: the timer, the header table and (for the address constructor) the address must
+  // outlive the pool. Requests, responses and bodies may outlive it: destroying the pool fails
+  // waiting requests (DISCONNECTED, "the ConnectionPool was destroyed") and lets requests in
+  // flight finish, after which their connections close.
+  //
+  // Single-threaded, like everything in KJ.
+
+public:
+  struct Settings {
+    unsigned maxConnections = 64;
+    // Connections open at once (busy + idle + being opened).
+    unsigned maxIdleConnections = 32;
+    // Idle connections kept; a connection coming back to a full idle set is closed.
+    kj::Duration idleTimeout = 60 * kj::SECONDS;
+    // An idle connection unused this long is closed.
+    uint64_t maxRequestsPerConnection = 0;
+    // A connection that served this many requests is closed instead of reused (0: no limit).
+    unsigned maxWaiting = 1024;
+    // Requests that may wait for a connection when all are busy. Past it: OVERLOADED at once.
+    kj::Duration waitTimeout = 30 * kj::SECONDS;
+    // A request that waited this long for a connection fails with OVERLOADED.
+    kj::Duration connectTimeout = 10 * kj::SECONDS;
+    // Opening a connection that takes longer fails (DISCONNECTED).
+    bool neverReuse = false;
+    // Close every connection after one request: for upstreams not trusted to frame responses
+    // correctly. Requests are still never pipelined.
+    size_t maxReplayBodyBytes = 64 * 1024;
+    // Request bodies of known size up to this are buffered so that a retry can replay them.
+    StreamFetcher::Settings fetcher;
+    // Passed to every StreamFetcher.
+  };
+
+  struct Stats {
+    uint64_t connectionsOpened = 0;  // connections established
+    uint64_t connectFailures = 0;    // connection attempts that failed or timed out
+    uint64_t requests = 0;           // request() and openWebSocket() calls
+    uint64_t reuses = 0;             // requests sent on a connection that had served one before
+    uint64_t retries = 0;            // requests sent a second time (see above)
+    uint64_t waits = 0;              // requests that had to wait for a connection
+    uint64_t overloaded = 0;         // requests refused: queue full or waited too long
+
+    // Connections dropped, by reason:
+    uint64_t droppedPeerClosedIdle = 0;   // the server closed an idle connection
+    uint64_t droppedUnsolicitedBytes = 0; // bytes nobody asked for (poisoned connection)
+    uint64_t droppedConnectionClose = 0;  // the server sent `Connection: close`
+    uint64_t droppedNotReusable = 0;      // HTTP/1.0, body delimited by close, bad framing
+    uint64_t droppedUpgraded = 0;         // 101 (WebSocket)
+    uint64_t droppedAbandoned = 0;        // a body dropped early, a request cancelled
+    uint64_t droppedRequestIncomplete = 0;// response ended before the request was sent
+    uint64_t droppedFailed = 0;           // the exchange failed (I/O error, malformed response)
+    uint64_t droppedIdleTimeout = 0;      // idle longer than Settings::idleTimeout
+    uint64_t droppedIdleLimit = 0;        // more idle connections than Settings allows
+    uint64_t droppedMaxRequests = 0;      // served Settings::maxRequestsPerConnection
+    uint64_t droppedNeverReuse = 0;       // Settings::neverReuse
+  };
+
+  ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, Connector connector,
+      Settings settings);
+  ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, Connector connector)
+      : ConnectionPool(timer, table, kj::mv(connector), Settings()) {}
+  ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, kj::NetworkAddress& address,
+      Settings settings);
+  ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, kj::NetworkAddress& address)
+      : ConnectionPool(timer, table, address, Settings()) {}
+  // `connector` opens new connections (see connector.h: an address, a unix socket, a CONNECT
+  // tunnel through a proxy, or anything that yields a stream).
+
+  ~ConnectionPool() noexcept(false);
+  KJ_DISALLOW_COPY(ConnectionPool);
+
+  Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
+      kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
+  // Sends the request on a pooled connection. `url` and `headers` are copied. The response
+  // promise fails with OVERLOADED if the pool is saturated (see Settings), DISCONNECTED if no
+  // connection could be opened, or with the exchange's error. The request body may be written
+  // at once; its writes complete once a connection carries them (or, for a replayable body, once
+  // buffered).
+
+  kj::Promise<WebSocketResponse> openWebSocket(
+      kj::StringPtr url, const kj::HttpHeaders& headers) override;
+  // Like request(); a 101 takes the connection out of the pool for good.
+
+  const Stats& getStats() const { return stats; }
+  unsigned getIdleCount() const { return idle.size(); }
+  unsigned getOpenCount() const { return all.size() + connecting; }
+  // Connections open or being opened (busy + idle + connecting).
+  unsigned getWaitingCount() const { return waiters.size(); }
+
+private:
+  class Connection;
+  class Waiter;
+  class Attempt;
+  class PendingBody;
+  class ConnectSlot;
+
+  kj::Timer& timer;
+  const kj::HttpHeaderTable& table;
+  Connector connector;
+  Settings settings;
+  Stats stats;
+  unsigned connecting = 0;
+  kj::Vector<Connection*> all;              // every live connection, to detach on destruction
+  kj::Vector<kj::Own<Connection>> idle;     // most recently used last
+  kj::Vector<Waiter*> waiters;              // oldest first
+  kj::Canceler canceler;                    // every promise chain that touches the pool
+  kj::Own<kj::TaskSet::ErrorHandler> errorHandler;
+  kj::TaskSet tasks;                        // deferred closes, connects for waiters
+
+  kj::Promise<kj::Own<Connection>> acquire(bool fresh);
+  kj::Promise<kj::Own<Connection>> connect();
+  void connectionIdle(Connection& connection);
+  void connectionClosed(Connection& connection);
+  void connectionGone(Connection& connection);
+  void closeIdle(size_t index, uint64_t Stats::*counter);
+  void dispose(kj::Own<Connection> connection);
+  void serveWaiters();
+  void connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller);
+  void countClose(StreamFetcher::CloseKind kind);
+};
+
+}  // namespace sockfetch
