@@ -1,17 +1,20 @@
 // Embedding sockfetch in a KJ application: one StreamFetcher, many sequential requests over one
-// connection, and the one-request-at-a-time rule in action.
+// connection, and the one-request-at-a-time rule in action; then a ConnectionPool serving many
+// requests at once over a few connections, with its statistics.
 //
 // Runs standalone: it starts its own kj::HttpServer on 127.0.0.1 (an ephemeral port) and counts
 // the connections that server accepts, to show that one connection served every request.
 //
 //   bazel run //samples/embed -- [REQUESTS]
 
+#include <sockfetch/pool.h>
 #include <sockfetch/stream-fetcher.h>
 
 #include <kj/async-io.h>
 #include <kj/compat/http.h>
 #include <kj/debug.h>
 #include <kj/main.h>
+#include <kj/vector.h>
 
 namespace {
 
@@ -98,6 +101,36 @@ public:
 
     if (accepted != 1 || fetcher.getCompletedRequests() != requests + 1) {
       context.exitError("expected exactly one connection to serve every request");
+    }
+
+    // Many requests at once: a ConnectionPool spreads them over a few connections, one request
+    // per connection at a time, and reuses those connections.
+    sockfetch::ConnectionPool::Settings poolSettings;
+    poolSettings.maxConnections = 8;
+    sockfetch::ConnectionPool pool(io.provider->getTimer(), table, *address, poolSettings);
+    uint acceptedBefore = accepted;
+    kj::Vector<kj::Promise<kj::String>> inFlight;
+    for (uint i = 0; i < requests; i++) {
+      auto request = pool.request(kj::HttpMethod::GET, kj::str("/parallel/", i), headers);
+      request.body = nullptr;
+      inFlight.add(request.response.then([](kj::HttpClient::Response&& response) {
+        return response.body->readAllText().attach(kj::mv(response.body));
+      }));
+    }
+    auto texts = kj::joinPromises(inFlight.releaseAsArray()).wait(io.waitScope);
+    for (uint i = 0; i < requests; i++) {
+      KJ_REQUIRE(texts[i] == kj::str("hello from /parallel/", i), texts[i]);
+    }
+    auto& stats = pool.getStats();
+    context.warning(kj::str(requests, " parallel requests through a ConnectionPool (max ",
+        poolSettings.maxConnections, " connections): connections opened ",
+        stats.connectionsOpened, " (server accepted ", accepted - acceptedBefore, "), reuses ",
+        stats.reuses, ", waits ", stats.waits, ", retries ", stats.retries, ", dropped ",
+        stats.droppedFailed + stats.droppedAbandoned + stats.droppedConnectionClose +
+            stats.droppedUnsolicitedBytes + stats.droppedPeerClosedIdle,
+        ", idle now ", pool.getIdleCount()));
+    if (stats.connectionsOpened > poolSettings.maxConnections) {
+      context.exitError("the pool opened more connections than allowed");
     }
     return true;
   }
