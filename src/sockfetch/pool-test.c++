@@ -367,6 +367,25 @@ KJ_TEST("ConnectionPool reports a connection that cannot be opened") {
   KJ_EXPECT(pool.getOpenCount() == 0);
 }
 
+KJ_TEST("ConnectionPool gives up on a connection that takes longer than connectTimeout") {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::HttpHeaderTable table;
+  ConnectionPool::Settings settings;
+  settings.connectTimeout = 20 * kj::MILLISECONDS;
+  unsigned attempts = 0;
+  ConnectionPool pool(io.provider->getTimer(), table, [&attempts]() {
+    ++attempts;
+    return kj::Promise<kj::Own<kj::AsyncIoStream>>(kj::NEVER_DONE);
+  }, kj::mv(settings));
+  kj::HttpHeaders headers(table);
+  auto request = pool.request(kj::HttpMethod::GET, "/", headers);
+  request.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("timed out after 20 ms", request.response.wait(io.waitScope));
+  KJ_EXPECT(attempts == 1);
+  KJ_EXPECT(pool.getStats().connectFailures == 1);
+  KJ_EXPECT(pool.getOpenCount() == 0);
+}
+
 // =================================================================================================
 // CONNECT tunnels
 
