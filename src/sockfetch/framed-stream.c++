@@ -3,7 +3,9 @@
 #include <sockfetch/kj-compat.h>
 
 #include <kj/debug.h>
+#include <errno.h>
 #include <string.h>
+#include <sys/socket.h>
 
 namespace sockfetch {
 
@@ -21,6 +23,7 @@ FramedStream::~FramedStream() noexcept(false) {}
 
 void FramedStream::watchIdle(IdleListener& listener) {
   mode = Mode::IDLE;
+  gate = nullptr;  // the last exchange is over; an idle connection holds as little as it can
   idleListener = listener;
   framer.freeBuffer();
   if (probeOutcome != nullptr) return;  // already watching (or lost: the listener was told)
@@ -66,6 +69,41 @@ void FramedStream::probeDone() {
   }
 }
 
+kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
+  socketChecked = false;
+  KJ_IF_MAYBE(outcome, probeOutcome) {
+    if (outcome->is<ProbeGotByte>()) {
+      return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
+          "request was outstanding, so the connection was dropped as poisoned")};
+    } else if (outcome->is<ProbeGotEof>()) {
+      return IdleLoss{false, kj::str("the server closed the idle connection")};
+    } else if (outcome->is<kj::Exception>()) {
+      return IdleLoss{false, kj::str("the idle connection failed: ",
+          outcome->get<kj::Exception>().getDescription())};
+    }
+  }
+  KJ_IF_MAYBE(fd, raw->getFd()) {
+    // Ask the kernel directly, without consuming anything: bytes or EOF it holds may not have
+    // been reported by the event loop yet.
+    char c;
+    ssize_t n;
+    do {
+      n = recv(*fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) {
+      return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
+          "request was outstanding, so the connection was dropped as poisoned")};
+    }
+    if (n == 0) return IdleLoss{false, kj::str("the server closed the idle connection")};
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      socketChecked = true;
+    } else if (errno != ENOTSOCK) {
+      return IdleLoss{false, kj::str("the idle connection failed: ", strerror(errno))};
+    }
+  }
+  return nullptr;
+}
+
 void FramedStream::beginExchange(kj::HttpMethod method) {
   KJ_REQUIRE(mode == Mode::IDLE, "FramedStream: an exchange may only begin on an idle stream");
   mode = Mode::EXCHANGE;
@@ -74,6 +112,15 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   writesInFlight = 0;
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
+  if (socketChecked) {
+    // checkIdleNow() asked the kernel just now and nothing had arrived. On a file descriptor the
+    // idle read consumes bytes only inside the event that also runs its continuation, so it has
+    // consumed nothing and cancelling it loses nothing.
+    probe = nullptr;
+    probeOutcome = nullptr;
+    gatePassed = true;
+    return;
+  }
   gatePassed = false;
   // Before touching the connection, look twice:
   //  1. Yield once: an idle read that completed just now (its continuation queued but not yet

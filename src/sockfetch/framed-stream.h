@@ -44,8 +44,20 @@ public:
   // Enters idle mode: starts the idle read and reports to `listener` (which must outlive this
   // stream or the next beginExchange()/passThrough()) if it completes.
 
+  struct IdleLoss {
+    bool gotBytes;  // the server sent something; otherwise it closed (or the connection failed)
+    kj::String reason;
+  };
+
+  kj::Maybe<IdleLoss> checkIdleNow();
+  // Checks, synchronously, whether the idle connection is still usable. On a socket this asks the
+  // kernel (without consuming anything), so bytes or EOF that the event loop has not reported yet
+  // are seen too. Call right before beginExchange(); null means go ahead.
+
   void beginExchange(kj::HttpMethod method);
-  // Enters exchange mode for a request with this method.
+  // Enters exchange mode for a request with this method. When checkIdleNow() could ask the
+  // kernel, the exchange starts at once; otherwise its first read or write first yields to the
+  // event loop and checks again (see the class comment).
 
   kj::Promise<void> finishResponse();
   // Once the consumer has read the response body to its end: reads whatever of the response the
@@ -91,6 +103,7 @@ private:
 
   // Exchange.
   bool gatePassed = true;
+  bool socketChecked = false;
   kj::Maybe<kj::ForkedPromise<void>> gate;
   uint64_t writesInFlight = 0;
   uint64_t writesCompleted = 0;

@@ -78,7 +78,7 @@ public:
   kj::Maybe<ConnectionPool&> pool;
   kj::Own<StreamFetcher> fetcher;
   uint64_t uses = 0;
-  kj::Maybe<kj::Promise<void>> idleTimer;  // while idle
+  kj::TimePoint idleSince = kj::origin<kj::TimePoint>();  // while idle
 };
 
 // =================================================================================================
@@ -161,7 +161,14 @@ public:
     if (reused) ++pool.stats.reuses;
     ++connection->uses;
 
-    auto request = fetcher.request(method, url, *headers, expectedBodySize);
+    kj::Maybe<Request> started;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      started = fetcher.request(method, url, *headers, expectedBodySize);
+    })) {
+      // Found lost before anything was written (the server closed or poisoned it while idle).
+      return retryOrThrow(kj::mv(*e), false, false);
+    }
+    auto request = kj::mv(KJ_ASSERT_NONNULL(started));
     switch (bodyMode) {
       case BodyMode::NONE:
         request.body = nullptr;
@@ -376,7 +383,6 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fr
     while (!idle.empty()) {
       auto connection = kj::mv(idle.back());
       idle.removeLast();
-      connection->idleTimer = nullptr;
       if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
         return kj::mv(connection);
       }
@@ -489,16 +495,23 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
     return;
   }
-  Connection* raw = &connection;
-  connection.idleTimer = timer.afterDelay(settings.idleTimeout).then([this, raw]() {
-    for (size_t i = 0; i < idle.size(); i++) {
-      if (idle[i].get() == raw) {
-        closeIdle(i, &Stats::droppedIdleTimeout);
-        return;
-      }
-    }
-  }).eagerlyEvaluate([](kj::Exception&& e) { KJ_LOG(ERROR, "idle timer failed", e); });
+  connection.idleSince = timer.now();
   idle.add(kj::addRef(connection));
+  scheduleSweep();
+}
+
+void ConnectionPool::scheduleSweep() {
+  // One timer for the whole pool, due when the oldest idle connection (the front) expires.
+  if (sweepScheduled || idle.empty()) return;
+  sweepScheduled = true;
+  tasks.add(timer.atTime(idle[0]->idleSince + settings.idleTimeout).then([this]() {
+    sweepScheduled = false;
+    auto now = timer.now();
+    while (!idle.empty() && idle[0]->idleSince + settings.idleTimeout <= now) {
+      closeIdle(0, &Stats::droppedIdleTimeout);
+    }
+    scheduleSweep();
+  }));
 }
 
 void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
@@ -507,7 +520,6 @@ void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
   for (size_t j = index + 1; j < idle.size(); j++) idle[j - 1] = kj::mv(idle[j]);
   idle.removeLast();
   connection->detach();
-  // The idle timer that may be calling us lives in the connection: destroy it later.
   dispose(kj::mv(connection));
   serveWaiters();
 }

@@ -129,6 +129,7 @@ private:
   Settings settings;
   Stats stats;
   unsigned connecting = 0;
+  bool sweepScheduled = false;
   kj::Vector<Connection*> all;              // every live connection, to detach on destruction
   kj::Vector<kj::Own<Connection>> idle;     // most recently used last
   kj::Vector<Waiter*> waiters;              // oldest first
@@ -144,6 +145,7 @@ private:
   void closeIdle(size_t index, uint64_t Stats::*counter);
   void dispose(kj::Own<Connection> connection);
   void serveWaiters();
+  void scheduleSweep();
   void connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller);
   void countClose(StreamFetcher::CloseKind kind);
 };

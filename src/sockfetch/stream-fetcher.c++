@@ -363,8 +363,8 @@ kj::HttpClient::WebSocketResponse StreamFetcher::Exchange::onWebSocketResponse(
 
 StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table,
     Settings settings)
-    : table(table), settings(kj::mv(settings)), defaultEntropy(kj::heap<SystemEntropySource>()),
-      idleWatch(kj::heap<IdleWatch>(*this)), disposal(*idleWatch) {
+    : table(table), settings(kj::mv(settings)), idleWatch(kj::heap<IdleWatch>(*this)),
+      disposal(*idleWatch) {
   auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits);
   framed->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(framed)});
@@ -394,13 +394,25 @@ kj::Maybe<kj::StringPtr> StreamFetcher::getCloseReason() const {
 kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod method) {
   KJ_SWITCH_ONEOF(state) {
     KJ_CASE_ONEOF(idle, Idle) {
+      KJ_IF_MAYBE(loss, idle.stream->checkIdleNow()) {
+        // Lost while idle, and nobody noticed yet: nothing is written.
+        lastResponseBytes = false;
+        lastRequestBytes = false;
+        auto exception = KJ_EXCEPTION(DISCONNECTED,
+            kj::str("this StreamFetcher's connection was dropped because ", loss->reason,
+                "; open a new connection (a ConnectionPool does this for you)"));
+        closeIdle(loss->gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
+            kj::mv(loss->reason));
+        kj::throwFatalException(kj::mv(exception));
+      }
       auto stream = kj::mv(idle.stream);
       stream->beginExchange(method);
       kj::HttpClientSettings clientSettings;
       KJ_IF_MAYBE(entropy, settings.entropySource) {
         clientSettings.entropySource = *entropy;
       } else {
-        clientSettings.entropySource = *defaultEntropy;
+        static SystemEntropySource systemEntropy;  // stateless: one for the process
+        clientSettings.entropySource = systemEntropy;
       }
       auto exchange = kj::refcounted<Exchange>(*this, kj::mv(stream), table,
           kj::mv(clientSettings));

@@ -147,7 +147,6 @@ private:
 
   const kj::HttpHeaderTable& table;
   Settings settings;
-  kj::Own<kj::EntropySource> defaultEntropy;
   uint64_t completedRequests = 0;
   bool lastResponseBytes = false;
   bool lastRequestBytes = false;

@@ -1,0 +1,364 @@
+// fetch-bench: what safe reuse costs, measured against raw kj-http in the same run.
+//
+// Run it through run-fetch-bench.sh (`bazel run -c opt //src/bench:fetch-bench`), which starts a
+// local nginx and passes its port. Modes, each doing the same GETs with bodies read to their end:
+//   (a) raw kj::newHttpClient(table, stream) reused over one connection  (the baseline)
+//   (b) sockfetch::StreamFetcher over one connection
+//   (c) a new TCP connection and kj client per request
+//   (d) sockfetch::ConnectionPool, 32 requests in flight
+//   (e) kj's pooled client kj::newHttpClient(timer, table, address), 32 requests in flight
+// Modes are interleaved, round after round; each mode's figure is its median round. Then the heap
+// bytes per idle pooled connection (glibc's mallinfo2 delta over N idle connections).
+
+#include <sockfetch/pool.h>
+#include <sockfetch/stream-fetcher.h>
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/debug.h>
+#include <kj/main.h>
+#include <kj/vector.h>
+#include <malloc.h>
+#include <algorithm>
+
+namespace sockfetch {
+namespace {
+
+using kj::uint;
+
+kj::byte drainBuffer[65536];
+
+kj::Promise<void> drainLoop(kj::AsyncInputStream& body) {
+  return body.tryRead(drainBuffer, 1, sizeof(drainBuffer)).then([&body](size_t n) {
+    if (n == 0) return kj::Promise<void>(kj::READY_NOW);
+    return drainLoop(body);
+  });
+}
+
+kj::Promise<void> drain(kj::Own<kj::AsyncInputStream> body) {
+  auto& ref = *body;
+  return drainLoop(ref).attach(kj::mv(body));
+}
+
+double nowMicros() {
+  return (kj::systemPreciseMonotonicClock().now() - kj::origin<kj::TimePoint>()) /
+      kj::MICROSECONDS;
+}
+
+struct Run {
+  double requestsPerSecond;
+  kj::Vector<double> latencies;  // microseconds
+};
+
+double percentile(kj::Vector<double>& values, double p) {
+  if (values.size() == 0) return 0;
+  std::sort(values.begin(), values.end());
+  size_t index = kj::min(values.size() - 1, size_t(p * values.size()));
+  return values[index];
+}
+
+class FetchBench {
+public:
+  explicit FetchBench(kj::ProcessContext& context): context(context) {}
+
+  kj::MainFunc getMain() {
+    return kj::MainBuilder(context, "sockfetch fetch-bench",
+        "Benchmarks StreamFetcher and ConnectionPool against raw kj-http and kj's pooled client, "
+        "in one run, against an upstream on 127.0.0.1:PORT serving /small (13 bytes) and /big "
+        "(64 KiB). Use run-fetch-bench.sh (bazel run -c opt //src/bench:fetch-bench), which "
+        "starts nginx.")
+        .addOptionWithArg({"port"}, KJ_BIND_METHOD(*this, setPort), "<port>",
+            "Upstream port on 127.0.0.1 (required).")
+        .addOptionWithArg({"requests"}, KJ_BIND_METHOD(*this, setRequests), "<n>",
+            "Requests per mode per round (default 20000; the 64 KiB variant does a quarter).")
+        .addOptionWithArg({"rounds"}, KJ_BIND_METHOD(*this, setRounds), "<n>",
+            "Rounds; modes are interleaved within each (default 5).")
+        .addOptionWithArg({"idle"}, KJ_BIND_METHOD(*this, setIdle), "<n>",
+            "Idle connections for the memory measurement (default 1000; 0 skips it).")
+        .addOptionWithArg({"modes"}, KJ_BIND_METHOD(*this, setModes), "<letters>",
+            "Which modes to run, e.g. \"ab\" (default abcde). Ratios need both of their modes.")
+        .addOption({"small-only"}, [this]() { smallOnly = true; return true; },
+            "Skip the 64 KiB variant.")
+        .callAfterParsing(KJ_BIND_METHOD(*this, run))
+        .build();
+  }
+
+private:
+  kj::ProcessContext& context;
+  uint port = 0;
+  uint requests = 20000;
+  uint rounds = 5;
+  uint idleConnections = 1000;
+  bool enabled[5] = {true, true, true, true, true};
+  bool smallOnly = false;
+  static constexpr uint CONCURRENCY = 32;
+
+  kj::MainBuilder::Validity parseUint(kj::StringPtr arg, uint& out) {
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { out = arg.parseAs<uint>(); })) {
+      return "expected a whole number";
+    }
+    if (out == 0) return "must be at least 1";
+    return true;
+  }
+  kj::MainBuilder::Validity setPort(kj::StringPtr arg) { return parseUint(arg, port); }
+  kj::MainBuilder::Validity setRequests(kj::StringPtr arg) { return parseUint(arg, requests); }
+  kj::MainBuilder::Validity setRounds(kj::StringPtr arg) { return parseUint(arg, rounds); }
+  kj::MainBuilder::Validity setIdle(kj::StringPtr arg) {
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { idleConnections = arg.parseAs<uint>(); })) {
+      return "expected a whole number";
+    }
+    return true;
+  }
+  kj::MainBuilder::Validity setModes(kj::StringPtr arg) {
+    for (auto& on: enabled) on = false;
+    for (char c: arg) {
+      if (c < 'a' || c > 'e') return "modes are letters a to e";
+      enabled[c - 'a'] = true;
+    }
+    return true;
+  }
+
+  struct Io {
+    kj::AsyncIoContext io = kj::setupAsyncIo();
+    kj::HttpHeaderTable table;
+    kj::Own<kj::NetworkAddress> address;
+  };
+
+  Run sequential(Io& env, kj::HttpClient& client, kj::StringPtr path, uint n) {
+    kj::HttpHeaders headers(env.table);
+    headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
+    Run run;
+    run.latencies.reserve(n);
+    double start = nowMicros();
+    for (uint i = 0; i < n; i++) {
+      double t0 = nowMicros();
+      auto request = client.request(kj::HttpMethod::GET, path, headers);
+      request.body = nullptr;
+      auto response = request.response.wait(env.io.waitScope);
+      KJ_REQUIRE(response.statusCode == 200, response.statusCode);
+      drain(kj::mv(response.body)).wait(env.io.waitScope);
+      run.latencies.add(nowMicros() - t0);
+    }
+    run.requestsPerSecond = n / ((nowMicros() - start) / 1e6);
+    return run;
+  }
+
+  Run newConnectionEach(Io& env, kj::StringPtr path, uint n) {
+    kj::HttpHeaders headers(env.table);
+    headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
+    Run run;
+    run.latencies.reserve(n);
+    double start = nowMicros();
+    for (uint i = 0; i < n; i++) {
+      double t0 = nowMicros();
+      auto stream = env.address->connect().wait(env.io.waitScope);
+      auto client = kj::newHttpClient(env.table, *stream);
+      auto request = client->request(kj::HttpMethod::GET, path, headers);
+      request.body = nullptr;
+      auto response = request.response.wait(env.io.waitScope);
+      KJ_REQUIRE(response.statusCode == 200, response.statusCode);
+      drain(kj::mv(response.body)).wait(env.io.waitScope);
+      run.latencies.add(nowMicros() - t0);
+    }
+    run.requestsPerSecond = n / ((nowMicros() - start) / 1e6);
+    return run;
+  }
+
+  struct Shared {
+    kj::HttpClient& client;
+    const kj::HttpHeaders& headers;
+    kj::StringPtr path;
+    uint remaining;
+    kj::Vector<double>& latencies;
+  };
+
+  static kj::Promise<void> worker(Shared& shared) {
+    if (shared.remaining == 0) return kj::READY_NOW;
+    --shared.remaining;
+    double t0 = nowMicros();
+    auto request = shared.client.request(kj::HttpMethod::GET, shared.path, shared.headers);
+    request.body = nullptr;
+    return request.response.then([](kj::HttpClient::Response&& response) {
+      KJ_REQUIRE(response.statusCode == 200, response.statusCode);
+      return drain(kj::mv(response.body));
+    }).then([&shared, t0]() {
+      shared.latencies.add(nowMicros() - t0);
+      return worker(shared);
+    });
+  }
+
+  Run concurrent(Io& env, kj::HttpClient& client, kj::StringPtr path, uint n) {
+    kj::HttpHeaders headers(env.table);
+    headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
+    Run run;
+    run.latencies.reserve(n);
+    Shared shared{client, headers, path, n, run.latencies};
+    double start = nowMicros();
+    kj::Vector<kj::Promise<void>> workers;
+    for (uint i = 0; i < CONCURRENCY; i++) workers.add(worker(shared));
+    kj::joinPromises(workers.releaseAsArray()).wait(env.io.waitScope);
+    run.requestsPerSecond = n / ((nowMicros() - start) / 1e6);
+    return run;
+  }
+
+  struct ModeResult {
+    kj::StringPtr name;
+    kj::Vector<double> rates;
+    kj::Vector<double> latencies;
+    double median() {
+      std::sort(rates.begin(), rates.end());
+      return rates[rates.size() / 2];
+    }
+  };
+
+  void benchBody(Io& env, kj::StringPtr path, uint n) {
+    ModeResult modes[5] = {
+      {"(a) kj client, one connection"_kj, {}, {}},
+      {"(b) StreamFetcher, one connection"_kj, {}, {}},
+      {"(c) new connection per request"_kj, {}, {}},
+      {"(d) ConnectionPool, 32 in flight"_kj, {}, {}},
+      {"(e) kj pooled client, 32 in flight"_kj, {}, {}},
+    };
+    auto& timer = env.io.provider->getTimer();
+    auto record = [](ModeResult& mode, Run&& run) {
+      mode.rates.add(run.requestsPerSecond);
+      mode.latencies.addAll(run.latencies);
+    };
+    for (uint round = 0; round < rounds; round++) {
+      if (enabled[0]) {
+        auto stream = env.address->connect().wait(env.io.waitScope);
+        auto client = kj::newHttpClient(env.table, *stream);
+        record(modes[0], sequential(env, *client, path, n));
+      }
+      if (enabled[1]) {
+        StreamFetcher fetcher(env.address->connect().wait(env.io.waitScope), env.table);
+        record(modes[1], sequential(env, fetcher, path, n));
+        KJ_REQUIRE(fetcher.getCompletedRequests() == n, "the connection was not reused",
+            fetcher.getCloseReason().orDefault("?"));
+      }
+      // A new connection per request is slower; a quarter of the requests is enough.
+      if (enabled[2]) record(modes[2], newConnectionEach(env, path, kj::max(n / 4, 1u)));
+      if (enabled[3]) {
+        ConnectionPool::Settings settings;
+        settings.maxConnections = CONCURRENCY;
+        ConnectionPool pool(timer, env.table, *env.address, settings);
+        record(modes[3], concurrent(env, pool, path, n));
+      }
+      if (enabled[4]) {
+        auto client = kj::newHttpClient(timer, env.table, *env.address);
+        record(modes[4], concurrent(env, *client, path, n));
+      }
+    }
+    context.warning(kj::str("\nbody ", path, ": ", n, " requests per mode per round (mode c: ",
+        kj::max(n / 4, 1u), "), ", rounds, " rounds, median round"));
+    context.warning(kj::str("  mode                                   req/s     p50 us    p99 us"));
+    double rate[5];
+    for (uint i = 0; i < 5; i++) {
+      if (!enabled[i]) {
+        rate[i] = 0;
+        continue;
+      }
+      rate[i] = modes[i].median();
+      auto p50 = percentile(modes[i].latencies, 0.50);
+      auto p99 = percentile(modes[i].latencies, 0.99);
+      context.warning(kj::str("  ", pad(modes[i].name, 36), pad(kj::str(uint(rate[i])), 10, true),
+          pad(kj::str(uint(p50)), 10, true), pad(kj::str(uint(p99)), 10, true)));
+    }
+    if (enabled[0] && enabled[1]) {
+      ratio("b/a (StreamFetcher vs raw kj client)", rate[1] / rate[0], 0.95);
+    }
+    if (enabled[1] && enabled[2]) ratio("b/c (reuse vs new connection)", rate[1] / rate[2], 2.0);
+    if (enabled[3] && enabled[4]) {
+      ratio("d/e (ConnectionPool vs kj pool)", rate[3] / rate[4], 1.0);
+    }
+  }
+
+  static kj::String pad(kj::StringPtr text, size_t width, bool right = false) {
+    if (text.size() >= width) return kj::heapString(text);
+    auto spaces = kj::repeat(' ', width - text.size());
+    return right ? kj::str(spaces, text) : kj::str(text, spaces);
+  }
+
+  void ratio(kj::StringPtr name, double value, double target) {
+    char text[32];
+    snprintf(text, sizeof(text), "%.3f", value);
+    context.warning(kj::str("  ratio ", pad(name, 40), text, "  (target >= ", target, ": ",
+        value >= target ? "met" : "MISSED", ")"));
+  }
+
+  static long heapInUse() {
+    auto info = mallinfo2();
+    return long(info.uordblks + info.hblkhd);
+  }
+
+  void benchIdleMemory(Io& env) {
+    kj::HttpHeaders headers(env.table);
+    headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
+    auto& timer = env.io.provider->getTimer();
+    uint n = idleConnections;
+    auto fill = [&](kj::HttpClient& client) {
+      // n requests at once, so that n connections open; then all of them go idle.
+      kj::Vector<kj::Promise<void>> all;
+      for (uint i = 0; i < n; i++) {
+        auto request = client.request(kj::HttpMethod::GET, "/small", headers);
+        request.body = nullptr;
+        all.add(request.response.then([](kj::HttpClient::Response&& response) {
+          return drain(kj::mv(response.body));
+        }));
+      }
+      kj::joinPromises(all.releaseAsArray()).wait(env.io.waitScope);
+      timer.afterDelay(20 * kj::MILLISECONDS).wait(env.io.waitScope);
+    };
+
+    long ours;
+    {
+      malloc_trim(0);
+      long before = heapInUse();
+      ConnectionPool::Settings settings;
+      settings.maxConnections = n;
+      settings.maxIdleConnections = n;
+      ConnectionPool pool(timer, env.table, *env.address, settings);
+      fill(pool);
+      KJ_REQUIRE(pool.getIdleCount() == n, pool.getIdleCount(), pool.getStats().droppedFailed);
+      ours = (heapInUse() - before) / long(n);
+    }
+    long kjPool;
+    {
+      malloc_trim(0);
+      long before = heapInUse();
+      auto client = kj::newHttpClient(timer, env.table, *env.address);
+      fill(*client);
+      kjPool = (heapInUse() - before) / long(n);
+    }
+    long sockets;
+    {
+      malloc_trim(0);
+      long before = heapInUse();
+      kj::Vector<kj::Own<kj::AsyncIoStream>> streams;
+      for (uint i = 0; i < n; i++) streams.add(env.address->connect().wait(env.io.waitScope));
+      sockets = (heapInUse() - before) / long(n);
+    }
+    context.warning(kj::str("\nheap per idle connection (", n, " idle connections, mallinfo2 "
+        "delta / ", n, "):"));
+    context.warning(kj::str("  ConnectionPool                        ", ours, " bytes  (target <= "
+        "4096: ", ours <= 4096 ? "met" : "MISSED", ")"));
+    context.warning(kj::str("  kj pooled client                      ", kjPool, " bytes"));
+    context.warning(kj::str("  bare kj socket (no HTTP at all)       ", sockets, " bytes"));
+  }
+
+  kj::MainBuilder::Validity run() {
+    if (port == 0) return "--port is required (run through run-fetch-bench.sh)";
+    Io env;
+    env.address = env.io.provider->getNetwork().parseAddress("127.0.0.1", port)
+        .wait(env.io.waitScope);
+    benchBody(env, "/small", requests);
+    if (!smallOnly) benchBody(env, "/big", kj::max(requests / 4, 1u));
+    if (idleConnections > 0) benchIdleMemory(env);
+    return true;
+  }
+};
+
+}  // namespace
+}  // namespace sockfetch
+
+KJ_MAIN(sockfetch::FetchBench)
