@@ -14,6 +14,9 @@ namespace {
 constexpr kj::StringPtr CHUNKED_TERMINATOR = "0\r\n\r\n"_kj;
 // kj-http writes the last chunk of a chunked request body as exactly these bytes, in one write.
 
+constexpr size_t DIRECT_READ_MIN = 2048;
+// A consumer buffer at least this big is filled straight from the connection when possible.
+
 }  // namespace
 
 FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits)
@@ -221,6 +224,22 @@ kj::Promise<size_t> FramedStream::readLoop(
     // until the per-fetch client is destroyed.
     if (done > 0) return done;
     return kj::Promise<size_t>(kj::NEVER_DONE);
+  }
+  size_t direct = framer.directReadLimit();
+  if (direct > 0 && maxBytes - done >= DIRECT_READ_MIN) {
+    // Body data with nothing buffered: read it straight into the consumer's buffer (no copy, and
+    // as much as the consumer asked for), but never past the end of the body.
+    size_t want = kj::min(maxBytes - done, direct);
+    return raw->tryRead(buffer + done, 1, want)
+        .then([this, buffer, minBytes, maxBytes, done](size_t n) {
+      if (n == 0) {
+        rawEof = true;
+        framer.receivedEof();
+      } else {
+        framer.receivedDirect(n);
+      }
+      return readLoop(buffer, minBytes, maxBytes, done + n);
+    });
   }
   return fill().then([this, buffer, minBytes, maxBytes, done]() {
     return readLoop(buffer, minBytes, maxBytes, done);

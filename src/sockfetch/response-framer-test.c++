@@ -74,6 +74,25 @@ KJ_TEST("ResponseFramer parses a chunk-size line split across segments") {
   KJ_EXPECT(fed.residue == 0);
 }
 
+KJ_TEST("ResponseFramer lets body data bypass it, and never past the end of the body") {
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  feed(framer, {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nab"_kj});
+  KJ_EXPECT(framer.directReadLimit() == 0x100 - 2);
+  framer.receivedDirect(0x100 - 2);
+  KJ_EXPECT(framer.directReadLimit() == 0);  // the CRLF after the chunk goes through the parser
+  auto fed = feed(framer, {"\r\n0\r\n\r\n"_kj});
+  KJ_EXPECT(fed.complete);
+
+  ResponseFramer fixed;
+  fixed.start(kj::HttpMethod::GET);
+  feed(fixed, {"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n"_kj});
+  KJ_EXPECT(fixed.directReadLimit() == 10000);
+  fixed.receivedDirect(10000);
+  KJ_EXPECT(fixed.isComplete());
+  KJ_EXPECT(fixed.directReadLimit() == 0);
+}
+
 KJ_TEST("ResponseFramer removes interim responses") {
   ResponseFramer framer;
   framer.start(kj::HttpMethod::GET);

@@ -207,6 +207,43 @@ size_t ResponseFramer::residueSize() const {
   return 0;
 }
 
+size_t ResponseFramer::directReadLimit() const {
+  if (begin != end || failure != nullptr) return 0;
+  switch (state) {
+    case State::LENGTH:
+    case State::CHUNK_DATA:
+      return remaining > SIZE_MAX ? SIZE_MAX : size_t(remaining);
+    case State::UNTIL_EOF:
+    case State::PASS_THROUGH:
+      return SIZE_MAX;
+    default:
+      return 0;
+  }
+}
+
+void ResponseFramer::receivedDirect(size_t n) {
+  KJ_REQUIRE(n <= directReadLimit());
+  if (n > 0) receivedAny = true;
+  switch (state) {
+    case State::LENGTH:
+      remaining -= n;
+      if (remaining == 0) {
+        messageEnd = end;
+        state = State::COMPLETE;
+      }
+      break;
+    case State::CHUNK_DATA:
+      remaining -= n;
+      if (remaining == 0) {
+        state = State::CHUNK_CRLF;
+        lineStart = parsed = limit = end;
+      }
+      break;
+    default:
+      break;
+  }
+}
+
 void ResponseFramer::finish() {
   KJ_REQUIRE(state == State::COMPLETE && begin == limit);
   begin = limit = parsed = messageEnd;

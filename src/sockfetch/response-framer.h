@@ -63,6 +63,14 @@ public:
   // Copies up to out.size() bytes that may be passed on, and returns how many.
 
   size_t available() const { return limit - begin; }
+
+  size_t directReadLimit() const;
+  // How many bytes the owner may read from the connection straight into the consumer's buffer,
+  // bypassing this one: nonzero only while nothing is buffered and the parser is inside body data
+  // (the rest of a Content-Length body or of a chunk, or a body that runs to the end).
+
+  void receivedDirect(size_t n);
+  // `n` (at most directReadLimit()) body bytes were read straight into the consumer's buffer.
   // Bytes take() would return right now.
 
   bool mayGrow() const;
