@@ -120,8 +120,10 @@ public:
 
   Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
       const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
-      : pool(pool), method(method), url(kj::heapString(url)),
-        headers(kj::heap(headers.clone())), expectedBodySize(expectedBodySize) {
+      : pool(pool), method(method), serialized(headers.serializeRequest(method, url)),
+        expectedBodySize(expectedBodySize) {
+    // The caller's url and headers are valid only during request(): keep them as one string,
+    // parsed again only if the request is sent later (it waited, or is retried).
     bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
     KJ_IF_MAYBE(size, expectedBodySize) {
       if (isGet && *size == 0) {
@@ -137,25 +139,51 @@ public:
     } else {
       bodyMode = BodyMode::STREAMING;
     }
-    auto paf = kj::newPromiseAndFulfiller<void>();
-    bodyBuffered = paf.promise.fork();
-    bodyBufferedFulfiller = kj::mv(paf.fulfiller);
-    if (bodyMode != BodyMode::BUFFERED || expected == 0) bodyBufferedFulfiller->fulfill();
+    if (bodyMode == BodyMode::BUFFERED && expected > 0) {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      bodyBuffered = paf.promise.fork();
+      bodyBufferedFulfiller = kj::mv(paf.fulfiller);
+    }
+  }
+
+  bool bodyReady() {
+    return bodyBufferedFulfiller.get() == nullptr;
   }
 
   kj::Promise<Response> run() {
     // Waits for a buffered body, takes a connection, sends.
-    return bodyBuffered.addBranch()
-        .then([this]() { return pool.acquire(false); })
-        .then([this](kj::Own<Connection>&& connection) { return send(kj::mv(connection)); });
+    kj::Promise<void> ready = kj::READY_NOW;
+    KJ_IF_MAYBE(buffered, bodyBuffered) {
+      ready = buffered->addBranch();
+    }
+    return ready.then([this]() { return pool.acquire(false); })
+        .then([this](kj::Own<Connection>&& connection) { return sendLater(kj::mv(connection)); });
   }
 
-  kj::Promise<Response> send(kj::Own<Connection> connection) {
+  kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
+    if (parsedHeaders.get() == nullptr) {
+      parsedText = kj::heapString(serialized);
+      parsedHeaders = kj::heap<kj::HttpHeaders>(pool.table);
+      auto result = parsedHeaders->tryParseRequest(parsedText.asArray());
+      KJ_IF_MAYBE(request, result.tryGet<kj::HttpHeaders::Request>()) {
+        parsedUrl = request->url;
+      } else {
+        return KJ_EXCEPTION(FAILED, "could not re-read the request's own headers",
+            result.get<kj::HttpHeaders::ProtocolError>().description);
+      }
+    }
+    return send(kj::mv(connection), parsedUrl, *parsedHeaders);
+  }
+
+  kj::Promise<Response> send(kj::Own<Connection> connection, kj::StringPtr url,
+      const kj::HttpHeaders& headers) {
+    // `url` and `headers` need only be valid until this returns.
     auto& fetcher = *connection->fetcher;
     if (fetcher.getState() != StreamFetcher::State::IDLE) {
       // Lost between being handed out and now: nothing was sent, so try a new connection.
       return retryOrThrow(KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost "
-          "before the request was sent: ", fetcher.getCloseReason().orDefault("unknown"))), false, false);
+          "before the request was sent: ", fetcher.getCloseReason().orDefault("unknown"))),
+          false, false);
     }
     bool reused = connection->uses > 0;
     if (reused) ++pool.stats.reuses;
@@ -163,7 +191,7 @@ public:
 
     kj::Maybe<Request> started;
     KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-      started = fetcher.request(method, url, *headers, expectedBodySize);
+      started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle).
       return retryOrThrow(kj::mv(*e), false, false);
@@ -217,7 +245,7 @@ public:
     retried = true;
     ++pool.stats.retries;
     return pool.acquire(true).then([this](kj::Own<Connection>&& connection) {
-      return send(kj::mv(connection));
+      return sendLater(kj::mv(connection));
     });
   }
 
@@ -233,7 +261,10 @@ public:
               expected, " bytes; declare the right expectedBodySize"));
         }
         buffered.addAll(bytes);
-        if (buffered.size() == expected) bodyBufferedFulfiller->fulfill();
+        if (buffered.size() == expected) {
+          bodyBufferedFulfiller->fulfill();
+          bodyBufferedFulfiller = nullptr;
+        }
         return kj::READY_NOW;
       case BodyMode::STREAMING:
         KJ_IF_MAYBE(inner, innerBody) {
@@ -251,7 +282,7 @@ public:
       case BodyMode::NONE:
         break;
       case BodyMode::BUFFERED:
-        if (buffered.size() < expected && bodyBufferedFulfiller->isWaiting()) {
+        if (buffered.size() < expected && bodyBufferedFulfiller.get() != nullptr) {
           bodyBufferedFulfiller->reject(KJ_EXCEPTION(FAILED, kj::str("the request body was "
               "dropped after ", buffered.size(), " of its ", expected, " bytes; nothing was "
               "sent")));
@@ -273,13 +304,15 @@ public:
 
   ConnectionPool& pool;
   kj::HttpMethod method;
-  kj::String url;
-  kj::Own<kj::HttpHeaders> headers;
+  kj::String serialized;                  // request line and headers, as sent
+  kj::String parsedText;                  // a copy that parsedHeaders points into
+  kj::Own<kj::HttpHeaders> parsedHeaders; // for a request sent after request() returned
+  kj::StringPtr parsedUrl;
   kj::Maybe<uint64_t> expectedBodySize;
   BodyMode bodyMode = BodyMode::NONE;
   uint64_t expected = 0;
   kj::Vector<kj::byte> buffered;
-  kj::ForkedPromise<void> bodyBuffered = nullptr;
+  kj::Maybe<kj::ForkedPromise<void>> bodyBuffered;        // while a buffered body is incomplete
   kj::Own<kj::PromiseFulfiller<void>> bodyBufferedFulfiller;
   kj::Maybe<kj::Own<kj::AsyncOutputStream>> innerBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
@@ -344,12 +377,40 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
   kj::Own<kj::AsyncOutputStream> body = kj::heap<PendingBody>(kj::addRef(*attempt));
   Attempt* raw = attempt.get();
-  auto response = canceler.wrap(raw->run())
-      .catch_([raw](kj::Exception&& e) -> Response {
-    raw->failPendingWrites(e);
-    kj::throwFatalException(kj::mv(e));
-  }).attach(kj::mv(attempt));
-  return Request{kj::mv(body), kj::mv(response)};
+  kj::Maybe<kj::Promise<Response>> started;
+  if (raw->bodyReady()) {
+    KJ_IF_MAYBE(connection, takeIdle()) {
+      // The common case: an idle connection is ready, send now with the caller's headers.
+      started = raw->send(kj::mv(*connection), url, headers);
+    }
+  }
+  kj::Promise<Response> response = nullptr;
+  KJ_IF_MAYBE(promise, started) {
+    response = kj::mv(*promise);
+  } else {
+    response = raw->run();
+  }
+  response = canceler.wrap(kj::mv(response));
+  if (raw->bodyMode == Attempt::BodyMode::STREAMING) {
+    // A writer may be waiting for the connection: it must hear that there will be none.
+    response = response.catch_([raw](kj::Exception&& e) -> Response {
+      raw->failPendingWrites(e);
+      kj::throwFatalException(kj::mv(e));
+    });
+  }
+  return Request{kj::mv(body), response.attach(kj::mv(attempt))};
+}
+
+kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
+  while (!idle.empty()) {
+    auto connection = kj::mv(idle.back());
+    idle.removeLast();
+    if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
+      return kj::mv(connection);
+    }
+    dispose(kj::mv(connection));
+  }
+  return nullptr;
 }
 
 kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
@@ -380,13 +441,8 @@ kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
 
 kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fresh) {
   if (!fresh) {
-    while (!idle.empty()) {
-      auto connection = kj::mv(idle.back());
-      idle.removeLast();
-      if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
-        return kj::mv(connection);
-      }
-      dispose(kj::mv(connection));
+    KJ_IF_MAYBE(connection, takeIdle()) {
+      return kj::mv(*connection);
     }
   }
   if (getOpenCount() >= settings.maxConnections && fresh && !idle.empty()) {

@@ -138,6 +138,7 @@ private:
   kj::TaskSet tasks;                        // deferred closes, connects for waiters
 
   kj::Promise<kj::Own<Connection>> acquire(bool fresh);
+  kj::Maybe<kj::Own<Connection>> takeIdle();
   kj::Promise<kj::Own<Connection>> connect();
   void connectionIdle(Connection& connection);
   void connectionClosed(Connection& connection);
