@@ -19,12 +19,77 @@ constexpr size_t DIRECT_READ_MIN = 2048;
 
 }  // namespace
 
+class FramedStream::ExchangeView final: public kj::AsyncIoStream {
+public:
+  explicit ExchangeView(FramedStream& stream): stream(stream) {}
+  ~ExchangeView() noexcept(false) {
+    KJ_IF_MAYBE(s, stream) {
+      s->currentView = nullptr;
+    }
+  }
+
+  void detach() { stream = nullptr; }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    KJ_IF_MAYBE(s, stream) {
+      return s->tryRead(buffer, minBytes, maxBytes);
+    }
+    return kj::Promise<size_t>(kj::NEVER_DONE);
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return get().write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return get().write(pieces);
+  }
+  kj::Promise<void> whenWriteDisconnected() override {
+    KJ_IF_MAYBE(s, stream) {
+      return s->whenWriteDisconnected();
+    }
+    return kj::NEVER_DONE;
+  }
+  void shutdownWrite() override {
+    KJ_IF_MAYBE(s, stream) {
+      s->shutdownWrite();
+    }
+  }
+  void abortRead() override {}
+
+private:
+  kj::Maybe<FramedStream&> stream;
+
+  FramedStream& get() {
+    KJ_IF_MAYBE(s, stream) {
+      return *s;
+    }
+    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+        "this exchange is over; its connection has moved on"));
+  }
+};
+
 FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits)
     : raw(kj::mv(raw)), framer(limits) {}
 
-FramedStream::~FramedStream() noexcept(false) {}
+FramedStream::~FramedStream() noexcept(false) {
+  detachView();
+}
+
+kj::Own<kj::AsyncIoStream> FramedStream::newExchangeView() {
+  detachView();
+  auto view = kj::heap<ExchangeView>(*this);
+  currentView = *view;
+  return kj::mv(view);
+}
+
+void FramedStream::detachView() {
+  KJ_IF_MAYBE(view, currentView) {
+    view->detach();
+    currentView = nullptr;
+  }
+}
 
 void FramedStream::watchIdle(IdleListener& listener) {
+  detachView();
   mode = Mode::IDLE;
   gate = nullptr;  // the last exchange is over; an idle connection holds as little as it can
   idleListener = listener;
@@ -187,6 +252,7 @@ kj::Promise<void> FramedStream::finishResponse() {
 }
 
 void FramedStream::passThrough() {
+  if (mode == Mode::IDLE) detachView();  // released: no exchange may touch it any more
   mode = Mode::PASS_THROUGH;
   idleListener = nullptr;
   framer.passThrough();

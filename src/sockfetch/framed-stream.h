@@ -66,6 +66,12 @@ public:
   void passThrough();
   // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
 
+  kj::Own<kj::AsyncIoStream> newExchangeView();
+  // The stream to build the exchange's kj::HttpClient over. It forwards to this stream until the
+  // exchange is over (watchIdle(), passThrough() or destruction); after that its reads never
+  // complete and its writes fail, so a kj::HttpClient kept alive past its exchange (to keep its
+  // response headers valid) can never touch a later exchange's bytes. May outlive this stream.
+
   ResponseFramer& getFramer() { return framer; }
   uint64_t getWritesInFlight() const { return writesInFlight; }
   uint64_t getWritesCompleted() const { return writesCompleted; }
@@ -83,6 +89,7 @@ public:
   kj::Maybe<int> getFd() const override;
 
 private:
+  class ExchangeView;
   enum class Mode { IDLE, EXCHANGE, PASS_THROUGH };
   struct ProbePending {};
   struct ProbeGotByte {};
@@ -91,6 +98,7 @@ private:
 
   kj::Own<kj::AsyncIoStream> raw;
   ResponseFramer framer;
+  kj::Maybe<ExchangeView&> currentView;
   Mode mode = Mode::PASS_THROUGH;
   bool rawEof = false;
 
@@ -109,6 +117,7 @@ private:
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
 
+  void detachView();
   void startProbe();
   void probeDone();
   kj::Promise<void> passGate();

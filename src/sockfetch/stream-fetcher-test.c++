@@ -201,13 +201,37 @@ BOTH_TRANSPORTS(customHeaders, "StreamFetcher sends custom request headers, read
   auto written = env.peer->sendLater(
       "HTTP/1.1 200 OK\r\nX-Upstream: yes\r\nX-Multi: a\r\nContent-Length: 0\r\n\r\n");
   auto r = req.response.wait(env.ws);
-  kj::HttpHeaderTable::Builder unused;
   bool sawUpstream = false;
   r.headers->forEach([&](kj::StringPtr name, kj::StringPtr value) {
     if (name == "X-Upstream" && value == "yes") sawUpstream = true;
   });
   KJ_EXPECT(sawUpstream);
   written.wait(env.ws);
+}
+
+BOTH_TRANSPORTS(headersOutliveReuse,
+    "StreamFetcher keeps a response's headers valid until its body is dropped, across reuse") {
+  auto req = env.get("/first");
+  req.body = nullptr;
+  env.peer->readRequest();
+  auto written = env.peer->sendLater(
+      "HTTP/1.1 200 Fine\r\nX-First: one\r\nContent-Length: 5\r\n\r\nhello");
+  auto first = req.response.wait(env.ws);
+  KJ_EXPECT(first.body->readAllText().wait(env.ws) == "hello");
+  written.wait(env.ws);
+  // The connection moves on to the next exchange while `first` is still held.
+  for (int i = 0; i < 3; i++) {
+    auto r = env.exchange(kj::HttpMethod::GET, "/next",
+        "HTTP/1.1 200 OK\r\nX-First: overwritten?\r\nContent-Length: 5\r\n\r\nworld");
+    KJ_EXPECT(r.body == "world");
+  }
+  kj::String value;
+  first.headers->forEach([&](kj::StringPtr name, kj::StringPtr v) {
+    if (name == "X-First") value = kj::heapString(v);
+  });
+  KJ_EXPECT(value == "one", value);
+  KJ_EXPECT(first.statusText == "Fine");
+  KJ_EXPECT(env.fetcher->getCompletedRequests() == 4);
 }
 
 BOTH_TRANSPORTS(errorStatuses, "StreamFetcher passes 404 and 500 through and keeps the connection") {

@@ -38,8 +38,8 @@ public:
 
   Exchange(StreamFetcher& fetcher, kj::Own<FramedStream> streamParam,
       const kj::HttpHeaderTable& table, kj::HttpClientSettings settings)
-      : fetcher(fetcher), stream(kj::mv(streamParam)),
-        client(kj::newHttpClient(table, *stream, kj::mv(settings))) {}
+      : fetcher(fetcher), stream(kj::mv(streamParam)), view(stream->newExchangeView()),
+        client(kj::newHttpClient(table, *view, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
     if (!done) fail(CloseKind::ABANDONED, kj::str("the exchange was abandoned before its response body was read to the "
@@ -72,8 +72,10 @@ public:
 
   kj::Maybe<StreamFetcher&> fetcher;
   kj::Own<FramedStream> stream;
-  kj::Own<kj::HttpClient> client;  // points into `stream`: declared after it
+  kj::Own<kj::AsyncIoStream> view;  // the exchange's window on `stream` (see newExchangeView())
+  kj::Own<kj::HttpClient> client;   // points into `view`: declared after it
   kj::Maybe<RequestBody&> requestBody;
+  kj::Maybe<ResponseBody&> responseBody;
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
@@ -147,18 +149,24 @@ private:
 class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
 public:
   ResponseBody(kj::Own<Exchange> exchangeParam, kj::HttpClient::Response& response)
-      : exchange(kj::mv(exchangeParam)), statusText(kj::heapString(response.statusText)),
-        headers(kj::heap(response.headers->clone())), inner(kj::mv(response.body)) {}
+      : exchange(kj::mv(exchangeParam)), inner(kj::mv(response.body)) {
+    exchange->responseBody = *this;
+  }
 
   ~ResponseBody() noexcept(false) {
+    exchange->responseBody = nullptr;
     if (!atEnd) {
       exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
     }
-    inner = nullptr;  // before the exchange (and so the client) might go
+    inner = nullptr;  // before the client it points into
   }
 
-  kj::StringPtr getStatusText() { return statusText; }
-  const kj::HttpHeaders& getHeaders() { return *headers; }
+  void adoptClient(kj::Own<kj::AsyncIoStream> view, kj::Own<kj::HttpClient> client) {
+    // The exchange is over and its connection moves on, but the response's status text and
+    // headers live in this client's buffer: keep it (and its detached view) as long as the body.
+    keptView = kj::mv(view);
+    keptClient = kj::mv(client);
+  }
 
   void finishNow() {
     // For a response without a body: it ends right away (and synchronously: the framer already
@@ -200,9 +208,9 @@ public:
 
 private:
   kj::Own<Exchange> exchange;
-  kj::String statusText;
-  kj::Own<kj::HttpHeaders> headers;
-  kj::Own<kj::AsyncInputStream> inner;  // points into exchange->client: declared after it
+  kj::Own<kj::AsyncIoStream> keptView;
+  kj::Own<kj::HttpClient> keptClient;    // points into keptView: declared after it
+  kj::Own<kj::AsyncInputStream> inner;  // points into the client: declared after it
   kj::Maybe<kj::Exception> readFailure;
   bool atEnd = false;
 
@@ -307,7 +315,11 @@ void StreamFetcher::Exchange::succeed() {
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
   done = true;
-  client = nullptr;
+  KJ_IF_MAYBE(body, responseBody) {
+    body->adoptClient(kj::mv(view), kj::mv(client));
+  } else {
+    client = nullptr;
+  }
   KJ_IF_MAYBE(f, fetcher) {
     fetcher = nullptr;
     f->exchangeSucceeded(kj::mv(stream));
@@ -318,8 +330,6 @@ kj::HttpClient::Response StreamFetcher::Exchange::onResponse(kj::HttpClient::Res
   responded = true;
   auto& framer = stream->getFramer();
   auto body = kj::heap<ResponseBody>(kj::addRef(*this), response);
-  response.statusText = body->getStatusText();
-  response.headers = &body->getHeaders();
   if (framer.isUpgrade()) {
     fail(CloseKind::UPGRADED, kj::str("the connection was upgraded to another protocol"));
   } else if (framer.hasNoBody()) {
