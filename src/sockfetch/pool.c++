@@ -15,6 +15,15 @@ public:
   }
 };
 
+template <typename T>
+T removeAt(kj::Vector<T>& vector, size_t index) {
+  // Removes one element, keeping the order of the others (the idle list is ordered by age).
+  T removed = kj::mv(vector[index]);
+  for (size_t i = index + 1; i < vector.size(); i++) vector[i - 1] = kj::mv(vector[i]);
+  vector.removeLast();
+  return removed;
+}
+
 bool isIdempotent(kj::HttpMethod method) {
   switch (method) {
     case kj::HttpMethod::GET:
@@ -99,8 +108,7 @@ public:
     auto& list = pool.waiters;
     for (size_t i = 0; i < list.size(); i++) {
       if (list[i] == this) {
-        for (size_t j = i + 1; j < list.size(); j++) list[j - 1] = list[j];
-        list.removeLast();
+        removeAt(list, i);
         return;
       }
     }
@@ -516,17 +524,13 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
 void ConnectionPool::connectionIdle(Connection& connection) {
   // The connection came back clean. Called from within its fetcher: nothing here destroys it.
   if (settings.neverReuse) {
-    ++stats.droppedNeverReuse;
-    connection.detach();
-    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    retire(connection, &Stats::droppedNeverReuse);
     serveWaiters();
     return;
   }
   if (settings.maxRequestsPerConnection > 0 &&
       connection.uses >= settings.maxRequestsPerConnection) {
-    ++stats.droppedMaxRequests;
-    connection.detach();
-    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    retire(connection, &Stats::droppedMaxRequests);
     serveWaiters();
     return;
   }
@@ -536,9 +540,7 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     if (!waiter.fulfiller->isWaiting()) continue;
     if (waiter.fresh) {
       // A retry must not reuse: close this one and open a new connection for it.
-      ++stats.droppedIdleLimit;
-      connection.detach();
-      tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+      retire(connection, &Stats::droppedIdleLimit);
       connectFor(kj::mv(waiter.fulfiller));
       return;
     }
@@ -546,14 +548,20 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     return;
   }
   if (idle.size() >= settings.maxIdleConnections) {
-    ++stats.droppedIdleLimit;
-    connection.detach();
-    tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
+    retire(connection, &Stats::droppedIdleLimit);
     return;
   }
   connection.idleSince = timer.now();
   idle.add(kj::addRef(connection));
   scheduleSweep();
+}
+
+void ConnectionPool::retire(Connection& connection, uint64_t Stats::*counter) {
+  // Closes a connection that came back clean but is not kept. Its fetcher is calling us: take
+  // the connection out of it and close it after this event.
+  ++(stats.*counter);
+  connection.detach();
+  tasks.add(kj::evalLater([stream = connection.fetcher->release()]() {}));
 }
 
 void ConnectionPool::scheduleSweep() {
@@ -572,9 +580,7 @@ void ConnectionPool::scheduleSweep() {
 
 void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
   ++(stats.*counter);
-  auto connection = kj::mv(idle[index]);
-  for (size_t j = index + 1; j < idle.size(); j++) idle[j - 1] = kj::mv(idle[j]);
-  idle.removeLast();
+  auto connection = removeAt(idle, index);
   connection->detach();
   dispose(kj::mv(connection));
   serveWaiters();
@@ -586,10 +592,7 @@ void ConnectionPool::connectionClosed(Connection& connection) {
   connection.detach();
   for (size_t i = 0; i < idle.size(); i++) {
     if (idle[i].get() == &connection) {
-      auto own = kj::mv(idle[i]);
-      for (size_t j = i + 1; j < idle.size(); j++) idle[j - 1] = kj::mv(idle[j]);
-      idle.removeLast();
-      dispose(kj::mv(own));
+      dispose(removeAt(idle, i));
       break;
     }
   }

@@ -144,6 +144,7 @@ private:
   void connectionClosed(Connection& connection);
   void connectionGone(Connection& connection);
   void closeIdle(size_t index, uint64_t Stats::*counter);
+  void retire(Connection& connection, uint64_t Stats::*counter);
   void dispose(kj::Own<Connection> connection);
   void serveWaiters();
   void scheduleSweep();
