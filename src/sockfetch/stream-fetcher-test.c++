@@ -484,6 +484,22 @@ BOTH_TRANSPORTS(webSocketUpgrade,
   sent.wait(env.ws);
 }
 
+BOTH_TRANSPORTS(webSocketRefused,
+    "StreamFetcher treats a refused WebSocket handshake like any response, and reuses") {
+  auto promise = env.fetcher->openWebSocket("/ws", env.headers());
+  auto head = env.peer->readHead();
+  KJ_EXPECT(head.startsWith("GET /ws HTTP/1.1\r\n"), head);
+  auto written = env.peer->sendLater("HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope");
+  auto response = promise.wait(env.ws);
+  KJ_EXPECT(response.statusCode == 404);
+  auto& body = *KJ_ASSERT_NONNULL(
+      response.webSocketOrBody.tryGet<kj::Own<kj::AsyncInputStream>>());
+  KJ_EXPECT(body.readAllText().wait(env.ws) == "nope");
+  written.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+}
+
 // =================================================================================================
 // Chunked framing
 
