@@ -7,6 +7,7 @@
 //
 //   bazel run //samples/embed -- [REQUESTS]
 
+#include <sockfetch/kj-compat.h>
 #include <sockfetch/pool.h>
 #include <sockfetch/stream-fetcher.h>
 
@@ -45,7 +46,7 @@ public:
   explicit EmbedMain(kj::ProcessContext& context): context(context) {}
 
   kj::MainBuilder::Validity setRequests(kj::StringPtr arg) {
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { requests = arg.parseAs<uint>(); })) {
+    if (kj::runCatchingExceptions([&]() { requests = arg.parseAs<uint>(); }) != sockfetch::none) {
       return "REQUESTS must be a whole number, e.g. 1000";
     }
     if (requests == 0) return "REQUESTS must be at least 1";
@@ -87,10 +88,10 @@ public:
     // and nothing is written for it.
     auto first = fetcher.request(kj::HttpMethod::GET, "/first", headers);
     first.body = nullptr;
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       fetcher.request(kj::HttpMethod::GET, "/second", headers);
     })) {
-      context.warning(kj::str("a concurrent request was refused: ", e->getDescription()));
+      context.warning(kj::str("a concurrent request was refused: ", e.getDescription()));
     } else {
       context.exitError("a concurrent request was not refused");
     }

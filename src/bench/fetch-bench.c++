@@ -10,6 +10,7 @@
 // Modes are interleaved, round after round; each mode's figure is its median round. Then the heap
 // bytes per idle pooled connection (glibc's mallinfo2 delta over N idle connections).
 
+#include <sockfetch/kj-compat.h>
 #include <sockfetch/pool.h>
 #include <sockfetch/stream-fetcher.h>
 
@@ -94,7 +95,7 @@ private:
   static constexpr uint CONCURRENCY = 32;
 
   kj::MainBuilder::Validity parseUint(kj::StringPtr arg, uint& out) {
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { out = arg.parseAs<uint>(); })) {
+    if (kj::runCatchingExceptions([&]() { out = arg.parseAs<uint>(); }) != sockfetch::none) {
       return "expected a whole number";
     }
     if (out == 0) return "must be at least 1";
@@ -104,7 +105,8 @@ private:
   kj::MainBuilder::Validity setRequests(kj::StringPtr arg) { return parseUint(arg, requests); }
   kj::MainBuilder::Validity setRounds(kj::StringPtr arg) { return parseUint(arg, rounds); }
   kj::MainBuilder::Validity setIdle(kj::StringPtr arg) {
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { idleConnections = arg.parseAs<uint>(); })) {
+    auto failure = kj::runCatchingExceptions([&]() { idleConnections = arg.parseAs<uint>(); });
+    if (failure != sockfetch::none) {
       return "expected a whole number";
     }
     return true;

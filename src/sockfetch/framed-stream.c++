@@ -23,16 +23,16 @@ class FramedStream::ExchangeView final: public kj::AsyncIoStream {
 public:
   explicit ExchangeView(FramedStream& stream): stream(stream) {}
   ~ExchangeView() noexcept(false) {
-    KJ_IF_MAYBE(s, stream) {
-      s->currentView = nullptr;
+    KJ_IF_SOME(s, stream) {
+      s.currentView = nullptr;
     }
   }
 
   void detach() { stream = nullptr; }
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
-    KJ_IF_MAYBE(s, stream) {
-      return s->tryRead(buffer, minBytes, maxBytes);
+    KJ_IF_SOME(s, stream) {
+      return s.tryRead(buffer, minBytes, maxBytes);
     }
     return kj::Promise<size_t>(kj::NEVER_DONE);
   }
@@ -43,14 +43,14 @@ public:
     return get().write(pieces);
   }
   kj::Promise<void> whenWriteDisconnected() override {
-    KJ_IF_MAYBE(s, stream) {
-      return s->whenWriteDisconnected();
+    KJ_IF_SOME(s, stream) {
+      return s.whenWriteDisconnected();
     }
     return kj::NEVER_DONE;
   }
   void shutdownWrite() override {
-    KJ_IF_MAYBE(s, stream) {
-      s->shutdownWrite();
+    KJ_IF_SOME(s, stream) {
+      s.shutdownWrite();
     }
   }
   void abortRead() override {}
@@ -59,8 +59,8 @@ private:
   kj::Maybe<FramedStream&> stream;
 
   FramedStream& get() {
-    KJ_IF_MAYBE(s, stream) {
-      return *s;
+    KJ_IF_SOME(s, stream) {
+      return s;
     }
     kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
         "this exchange is over; its connection has moved on"));
@@ -82,8 +82,8 @@ kj::Own<kj::AsyncIoStream> FramedStream::newExchangeView() {
 }
 
 void FramedStream::detachView() {
-  KJ_IF_MAYBE(view, currentView) {
-    view->detach();
+  KJ_IF_SOME(view, currentView) {
+    view.detach();
     currentView = nullptr;
   }
 }
@@ -115,12 +115,12 @@ void FramedStream::startProbe() {
 }
 
 void FramedStream::probeDone() {
-  KJ_IF_MAYBE(waiter, probeWaiter) {
-    (*waiter)->fulfill();
+  KJ_IF_SOME(waiter, probeWaiter) {
+    (waiter)->fulfill();
     probeWaiter = nullptr;
   }
   if (mode != Mode::IDLE) return;  // an exchange's gate or a pass-through read deals with it
-  KJ_IF_MAYBE(listener, idleListener) {
+  KJ_IF_SOME(listener, idleListener) {
     auto& outcome = KJ_ASSERT_NONNULL(probeOutcome);
     kj::String reason;
     if (outcome.is<ProbeGotByte>()) {
@@ -133,30 +133,30 @@ void FramedStream::probeDone() {
           outcome.get<kj::Exception>().getDescription());
     }
     idleListener = nullptr;
-    listener->idleConnectionLost(outcome.is<ProbeGotByte>(), kj::mv(reason));
+    listener.idleConnectionLost(outcome.is<ProbeGotByte>(), kj::mv(reason));
   }
 }
 
 kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
   socketChecked = false;
-  KJ_IF_MAYBE(outcome, probeOutcome) {
-    if (outcome->is<ProbeGotByte>()) {
+  KJ_IF_SOME(outcome, probeOutcome) {
+    if (outcome.is<ProbeGotByte>()) {
       return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
           "request was outstanding, so the connection was dropped as poisoned")};
-    } else if (outcome->is<ProbeGotEof>()) {
+    } else if (outcome.is<ProbeGotEof>()) {
       return IdleLoss{false, kj::str("the server closed the idle connection")};
-    } else if (outcome->is<kj::Exception>()) {
+    } else if (outcome.is<kj::Exception>()) {
       return IdleLoss{false, kj::str("the idle connection failed: ",
-          outcome->get<kj::Exception>().getDescription())};
+          outcome.get<kj::Exception>().getDescription())};
     }
   }
-  KJ_IF_MAYBE(fd, raw->getFd()) {
+  KJ_IF_SOME(fd, raw->getFd()) {
     // Ask the kernel directly, without consuming anything: bytes or EOF it holds may not have
     // been reported by the event loop yet.
     char c;
     ssize_t n;
     do {
-      n = recv(*fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+      n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     if (n > 0) {
       return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
@@ -208,8 +208,8 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
 }
 
 void FramedStream::checkIdleOutcome() {
-  KJ_IF_MAYBE(outcome, probeOutcome) {
-    KJ_SWITCH_ONEOF(*outcome) {
+  KJ_IF_SOME(outcome, probeOutcome) {
+    KJ_SWITCH_ONEOF(outcome) {
       KJ_CASE_ONEOF(pending, ProbePending) {
         // Nothing arrived. Cancelling a read that has not completed loses no data.
         probe = nullptr;
@@ -241,8 +241,8 @@ kj::Promise<void> FramedStream::passGate() {
 
 kj::Promise<void> FramedStream::finishResponse() {
   if (framer.isComplete()) return kj::READY_NOW;
-  KJ_IF_MAYBE(failure, framer.getFailure()) {
-    return cloneException(*failure);
+  KJ_IF_SOME(failure, framer.getFailure()) {
+    return cloneException(failure);
   }
   if (rawEof) {
     framer.receivedEof();
@@ -278,10 +278,10 @@ kj::Promise<size_t> FramedStream::readLoop(
     kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done) {
   done += framer.take(kj::arrayPtr(buffer + done, maxBytes - done));
   if (done >= minBytes) return done;
-  KJ_IF_MAYBE(failure, framer.getFailure()) {
+  KJ_IF_SOME(failure, framer.getFailure()) {
     // Everything before the error was passed on; the consumer sees the error next.
     if (done > 0) return done;
-    return cloneException(*failure);
+    return cloneException(failure);
   }
   if (rawEof) return done;  // the end of a body delimited by the connection closing
   if (framer.available() == 0 && !framer.mayGrow()) {
@@ -327,8 +327,8 @@ kj::Promise<void> FramedStream::fill() {
 kj::Promise<size_t> FramedStream::passThroughRead(
     kj::byte* buffer, size_t minBytes, size_t maxBytes) {
   size_t done = 0;
-  KJ_IF_MAYBE(outcome, probeOutcome) {
-    if (outcome->is<ProbePending>()) {
+  KJ_IF_SOME(outcome, probeOutcome) {
+    if (outcome.is<ProbePending>()) {
       // The idle read may already hold a byte: wait for it rather than cancel it.
       auto paf = kj::newPromiseAndFulfiller<void>();
       probeWaiter = kj::mv(paf.fulfiller);
@@ -336,7 +336,7 @@ kj::Promise<size_t> FramedStream::passThroughRead(
         return passThroughRead(buffer, minBytes, maxBytes);
       });
     }
-    ProbeOutcome taken = kj::mv(*outcome);
+    ProbeOutcome taken = kj::mv(outcome);
     probeOutcome = nullptr;
     probe = nullptr;
     KJ_SWITCH_ONEOF(taken) {

@@ -59,11 +59,11 @@ public:
 
   void detach() {
     // Leaves the pool: no longer counted, no more callbacks.
-    KJ_IF_MAYBE(p, pool) {
-      for (size_t i = 0; i < p->all.size(); i++) {
-        if (p->all[i] == this) {
-          p->all[i] = p->all.back();
-          p->all.removeLast();
+    KJ_IF_SOME(p, pool) {
+      for (size_t i = 0; i < p.all.size(); i++) {
+        if (p.all[i] == this) {
+          p.all[i] = p.all.back();
+          p.all.removeLast();
           break;
         }
       }
@@ -73,14 +73,14 @@ public:
   }
 
   void fetcherIdle(StreamFetcher&) override {
-    KJ_IF_MAYBE(p, pool) {
-      p->connectionIdle(*this);
+    KJ_IF_SOME(p, pool) {
+      p.connectionIdle(*this);
     }
   }
 
   void fetcherClosed(StreamFetcher&) override {
-    KJ_IF_MAYBE(p, pool) {
-      p->connectionClosed(*this);
+    KJ_IF_SOME(p, pool) {
+      p.connectionClosed(*this);
     }
   }
 
@@ -133,12 +133,12 @@ public:
     // The caller's url and headers are valid only during request(): keep them as one string,
     // parsed again only if the request is sent later (it waited, or is retried).
     bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
-    KJ_IF_MAYBE(size, expectedBodySize) {
-      if (isGet && *size == 0) {
+    KJ_IF_SOME(size, expectedBodySize) {
+      if (isGet && size == 0) {
         bodyMode = BodyMode::NONE;
-      } else if (*size <= pool.settings.maxReplayBodyBytes) {
+      } else if (size <= pool.settings.maxReplayBodyBytes) {
         bodyMode = BodyMode::BUFFERED;
-        expected = *size;
+        expected = size;
       } else {
         bodyMode = BodyMode::STREAMING;
       }
@@ -161,8 +161,8 @@ public:
   kj::Promise<Response> run() {
     // Waits for a buffered body, takes a connection, sends.
     kj::Promise<void> ready = kj::READY_NOW;
-    KJ_IF_MAYBE(buffered, bodyBuffered) {
-      ready = buffered->addBranch();
+    KJ_IF_SOME(buffered, bodyBuffered) {
+      ready = buffered.addBranch();
     }
     return ready.then([this]() { return pool.acquire(false); })
         .then([this](kj::Own<Connection>&& connection) { return sendLater(kj::mv(connection)); });
@@ -173,8 +173,8 @@ public:
       parsedText = kj::heapString(serialized);
       parsedHeaders = kj::heap<kj::HttpHeaders>(pool.table);
       auto result = parsedHeaders->tryParseRequest(parsedText.asArray());
-      KJ_IF_MAYBE(request, result.tryGet<kj::HttpHeaders::Request>()) {
-        parsedUrl = request->url;
+      KJ_IF_SOME(request, result.tryGet<kj::HttpHeaders::Request>()) {
+        parsedUrl = request.url;
       } else {
         return KJ_EXCEPTION(FAILED, "could not re-read the request's own headers",
             result.get<kj::HttpHeaders::ProtocolError>().description);
@@ -198,11 +198,11 @@ public:
     ++connection->uses;
 
     kj::Maybe<Request> started;
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle).
-      return retryOrThrow(kj::mv(*e), false, false);
+      return retryOrThrow(kj::mv(e), false, false);
     }
     auto request = kj::mv(KJ_ASSERT_NONNULL(started));
     switch (bodyMode) {
@@ -221,8 +221,8 @@ public:
           request.body = nullptr;
         } else {
           innerBody = kj::mv(request.body);
-          KJ_IF_MAYBE(waiter, innerBodyWaiter) {
-            (*waiter)->fulfill();
+          KJ_IF_SOME(waiter, innerBodyWaiter) {
+            (waiter)->fulfill();
             innerBodyWaiter = nullptr;
           }
         }
@@ -275,8 +275,8 @@ public:
         }
         return kj::READY_NOW;
       case BodyMode::STREAMING:
-        KJ_IF_MAYBE(inner, innerBody) {
-          return writeAll(**inner, bytes);
+        KJ_IF_SOME(inner, innerBody) {
+          return writeAll(*inner, bytes);
         }
         auto paf = kj::newPromiseAndFulfiller<void>();
         innerBodyWaiter = kj::mv(paf.fulfiller);
@@ -304,8 +304,8 @@ public:
   }
 
   void failPendingWrites(const kj::Exception& e) {
-    KJ_IF_MAYBE(waiter, innerBodyWaiter) {
-      (*waiter)->reject(cloneException(e));
+    KJ_IF_SOME(waiter, innerBodyWaiter) {
+      (waiter)->reject(cloneException(e));
       innerBodyWaiter = nullptr;
     }
   }
@@ -387,14 +387,14 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   Attempt* raw = attempt.get();
   kj::Maybe<kj::Promise<Response>> started;
   if (raw->bodyReady()) {
-    KJ_IF_MAYBE(connection, takeIdle()) {
+    KJ_IF_SOME(connection, takeIdle()) {
       // The common case: an idle connection is ready, send now with the caller's headers.
-      started = raw->send(kj::mv(*connection), url, headers);
+      started = raw->send(kj::mv(connection), url, headers);
     }
   }
   kj::Promise<Response> response = nullptr;
-  KJ_IF_MAYBE(promise, started) {
-    response = kj::mv(*promise);
+  KJ_IF_SOME(promise, started) {
+    response = kj::mv(promise);
   } else {
     response = raw->run();
   }
@@ -449,8 +449,8 @@ kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
 
 kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fresh) {
   if (!fresh) {
-    KJ_IF_MAYBE(connection, takeIdle()) {
-      return kj::mv(*connection);
+    KJ_IF_SOME(connection, takeIdle()) {
+      return kj::mv(connection);
     }
   }
   if (getOpenCount() >= settings.maxConnections && fresh && !idle.empty()) {

@@ -1,5 +1,7 @@
 #include "response-framer.h"
 
+#include <sockfetch/kj-compat.h>
+
 #include <kj/debug.h>
 #include <kj/test.h>
 #include <string.h>
@@ -24,11 +26,12 @@ Fed feed(ResponseFramer& framer, kj::ArrayPtr<const kj::StringPtr> segments) {
       memcpy(space.begin(), segment.begin() + pos, n);
       framer.received(n);
       pos += n;
-      KJ_IF_MAYBE(failure, framer.getFailure()) {
-        kj::throwFatalException(kj::cp(*failure));
+      KJ_IF_SOME(failure, framer.getFailure()) {
+        kj::throwFatalException(kj::cp(failure));
       }
       char out[256];
-      while (size_t got = framer.take(kj::arrayPtr(reinterpret_cast<kj::byte*>(out), sizeof(out)))) {
+      auto outBytes = kj::arrayPtr(reinterpret_cast<kj::byte*>(out), sizeof(out));
+      while (size_t got = framer.take(outBytes)) {
         passed.addAll(out, out + got);
       }
     }
@@ -117,7 +120,8 @@ KJ_TEST("ResponseFramer explains why a response forbids reuse") {
     kj::StringPtr reason;
   };
   Case cases[] = {
-    {"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"_kj, "Connection: close"_kj},
+    {"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"_kj,
+     "Connection: close"_kj},
     {"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"_kj, "HTTP/1.0"_kj},
     {"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 0\r\n\r\n"_kj,
      "Connection: close"_kj},

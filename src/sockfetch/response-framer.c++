@@ -1,5 +1,7 @@
 #include "response-framer.h"
 
+#include <sockfetch/kj-compat.h>
+
 #include <kj/debug.h>
 #include <kj/vector.h>
 #include <string.h>
@@ -126,15 +128,15 @@ void ResponseFramer::received(size_t n) {
   end += n;
   if (n > 0) receivedAny = true;
   if (failure != nullptr) return;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { parse(); })) {
-    failure = kj::mv(*e);
+  KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { parse(); })) {
+    failure = kj::mv(e);
   }
 }
 
 void ResponseFramer::receivedEof() {
   if (failure != nullptr) return;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { parseEof(); })) {
-    failure = kj::mv(*e);
+  KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { parseEof(); })) {
+    failure = kj::mv(e);
   }
 }
 
@@ -457,11 +459,11 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     if (equalsIgnoreCase(name, "content-length")) {
       // A list of identical values is tolerated (RFC 9110 8.6); anything else is an error.
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
-        KJ_IF_MAYBE(n, parseDecimal(token)) {
-          KJ_IF_MAYBE(prev, contentLength) {
-            if (*prev != *n) kj::throwFatalException(malformed("conflicting Content-Length"));
+        KJ_IF_SOME(n, parseDecimal(token)) {
+          KJ_IF_SOME(prev, contentLength) {
+            if (prev != n) kj::throwFatalException(malformed("conflicting Content-Length"));
           }
-          contentLength = *n;
+          contentLength = n;
         } else {
           kj::throwFatalException(malformed("invalid Content-Length"));
         }
@@ -491,10 +493,10 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
       state = State::UNTIL_EOF;
       remaining = UINT64_MAX;
     }
-  } else KJ_IF_MAYBE(n, contentLength) {
-    remaining = *n;
+  } else KJ_IF_SOME(n, contentLength) {
+    remaining = n;
     state = State::LENGTH;
-    if (*n == 0) {
+    if (n == 0) {
       state = State::COMPLETE;
       head.noBody = true;
       // messageEnd is set by the caller's bookkeeping below.

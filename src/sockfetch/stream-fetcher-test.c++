@@ -55,10 +55,10 @@ struct Env {
     // read to its end.
     auto h = headers();
     kj::Maybe<uint64_t> size;
-    KJ_IF_MAYBE(b, requestBody) size = b->size();
+    KJ_IF_SOME(b, requestBody) size = b.size();
     auto req = fetcher->request(method, url, h, size);
-    KJ_IF_MAYBE(b, requestBody) {
-      auto write = writeAll(*req.body, b->asBytes());
+    KJ_IF_SOME(b, requestBody) {
+      auto write = writeAll(*req.body, b.asBytes());
       auto request = peer->readRequest();
       write.wait(ws);
       req.body = nullptr;
@@ -89,7 +89,7 @@ struct Env {
   }
 
   kj::StringPtr anyReason() {
-    KJ_IF_MAYBE(reason, fetcher->getCloseReason()) return *reason;
+    KJ_IF_SOME(reason, fetcher->getCloseReason()) return reason;
     return "(not closed)";
   }
 
@@ -234,7 +234,8 @@ BOTH_TRANSPORTS(headersOutliveReuse,
   KJ_EXPECT(env.fetcher->getCompletedRequests() == 4);
 }
 
-BOTH_TRANSPORTS(errorStatuses, "StreamFetcher passes 404 and 500 through and keeps the connection") {
+BOTH_TRANSPORTS(errorStatuses,
+    "StreamFetcher passes 404 and 500 through and keeps the connection") {
   auto r1 = env.exchange(kj::HttpMethod::GET, "/missing",
       "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found");
   KJ_EXPECT(r1.status == 404);
@@ -518,7 +519,8 @@ BOTH_TRANSPORTS(chunkedLateCrlf,
   auto req = env.get();
   req.body = nullptr;
   env.peer->readRequest();
-  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n");
+  auto sent = env.peer->sendLater(
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n");
   auto r = req.response.wait(env.ws);
   sent.wait(env.ws);
   auto text = r.body->readAllText();

@@ -42,8 +42,10 @@ public:
         client(kj::newHttpClient(table, *view, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
-    if (!done) fail(CloseKind::ABANDONED, kj::str("the exchange was abandoned before its response body was read to the "
-        "end"));
+    if (!done) {
+      fail(CloseKind::ABANDONED,
+          kj::str("the exchange was abandoned before its response body was read to the end"));
+    }
   }
 
   void fail(CloseKind kind, kj::String reason) {
@@ -51,10 +53,10 @@ public:
     // when the last of the request body, response promise and response body is dropped.
     if (done) return;
     done = true;
-    KJ_IF_MAYBE(f, fetcher) {
+    KJ_IF_SOME(f, fetcher) {
       fetcher = nullptr;
       bool wroteAny = stream->getWritesCompleted() > 0 || stream->getWritesInFlight() > 0;
-      f->exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny(), wroteAny);
+      f.exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny(), wroteAny);
     }
   }
 
@@ -99,8 +101,9 @@ public:
     exchange->requestBodyDropped = true;
     if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
         exchange->requestBodyWritten < exchange->requestBodyExpected && inner.get() != nullptr) {
-      exchange->fail(CloseKind::ABANDONED, kj::str("the request body was dropped after ", exchange->requestBodyWritten,
-          " of its ", exchange->requestBodyExpected, " bytes were written"));
+      exchange->fail(CloseKind::ABANDONED,
+          kj::str("the request body was dropped after ", exchange->requestBodyWritten, " of its ",
+              exchange->requestBodyExpected, " bytes were written"));
     }
     // Dropping kj's body now writes the chunked terminator, or marks a short fixed-length body
     // as aborted.
@@ -177,8 +180,8 @@ public:
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
     if (atEnd) return size_t(0);
-    KJ_IF_MAYBE(failure, readFailure) {
-      return cloneException(*failure);
+    KJ_IF_SOME(failure, readFailure) {
+      return cloneException(failure);
     }
     KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
     return inner->tryRead(buffer, minBytes, maxBytes)
@@ -187,8 +190,8 @@ public:
       // asked for exactly the remaining length will not ask again).
       bool end = n < minBytes;
       if (!end) {
-        KJ_IF_MAYBE(left, inner->tryGetLength()) {
-          end = *left == 0;
+        KJ_IF_SOME(left, inner->tryGetLength()) {
+          end = left == 0;
         }
       }
       if (!end) return n;
@@ -296,18 +299,18 @@ kj::Maybe<kj::String> StreamFetcher::Exchange::whyRequestIncomplete() {
 void StreamFetcher::Exchange::succeed() {
   if (done) return;
   // The response is over, so is the request: kj's request body points into the client.
-  KJ_IF_MAYBE(body, requestBody) {
-    body->detach();
+  KJ_IF_SOME(body, requestBody) {
+    body.detach();
   }
   auto& framer = stream->getFramer();
-  KJ_IF_MAYBE(why, framer.whyNotReusable()) {
+  KJ_IF_SOME(why, framer.whyNotReusable()) {
     auto kind = framer.isUpgrade() ? CloseKind::UPGRADED
         : framer.saidClose()       ? CloseKind::CONNECTION_CLOSE
                                    : CloseKind::NOT_REUSABLE;
-    return fail(kind, kj::str(*why));
+    return fail(kind, kj::str(why));
   }
-  KJ_IF_MAYBE(why, whyRequestIncomplete()) {
-    return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(*why));
+  KJ_IF_SOME(why, whyRequestIncomplete()) {
+    return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(why));
   }
   framer.finish();
   if (framer.residueSize() > 0) {
@@ -315,14 +318,14 @@ void StreamFetcher::Exchange::succeed() {
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
   done = true;
-  KJ_IF_MAYBE(body, responseBody) {
-    body->adoptClient(kj::mv(view), kj::mv(client));
+  KJ_IF_SOME(body, responseBody) {
+    body.adoptClient(kj::mv(view), kj::mv(client));
   } else {
     client = nullptr;
   }
-  KJ_IF_MAYBE(f, fetcher) {
+  KJ_IF_SOME(f, fetcher) {
     fetcher = nullptr;
-    f->exchangeSucceeded(kj::mv(stream));
+    f.exchangeSucceeded(kj::mv(stream));
   }
 }
 
@@ -381,9 +384,9 @@ StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHe
 }
 
 StreamFetcher::~StreamFetcher() noexcept(false) {
-  KJ_IF_MAYBE(busy, state.tryGet<Busy>()) {
+  KJ_IF_SOME(busy, state.tryGet<Busy>()) {
     // The exchange in flight finishes on its own; its connection is then closed.
-    busy->exchange->detachFetcher();
+    busy.exchange->detachFetcher();
   }
 }
 
@@ -395,8 +398,8 @@ StreamFetcher::State StreamFetcher::getState() const {
 }
 
 kj::Maybe<kj::StringPtr> StreamFetcher::getCloseReason() const {
-  KJ_IF_MAYBE(closed, state.tryGet<Closed>()) {
-    return closed->reason.asPtr();
+  KJ_IF_SOME(closed, state.tryGet<Closed>()) {
+    return closed.reason.asPtr();
   }
   return nullptr;
 }
@@ -404,22 +407,22 @@ kj::Maybe<kj::StringPtr> StreamFetcher::getCloseReason() const {
 kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod method) {
   KJ_SWITCH_ONEOF(state) {
     KJ_CASE_ONEOF(idle, Idle) {
-      KJ_IF_MAYBE(loss, idle.stream->checkIdleNow()) {
+      KJ_IF_SOME(loss, idle.stream->checkIdleNow()) {
         // Lost while idle, and nobody noticed yet: nothing is written.
         lastResponseBytes = false;
         lastRequestBytes = false;
         auto exception = KJ_EXCEPTION(DISCONNECTED,
-            kj::str("this StreamFetcher's connection was dropped because ", loss->reason,
+            kj::str("this StreamFetcher's connection was dropped because ", loss.reason,
                 "; open a new connection (a ConnectionPool does this for you)"));
-        closeIdle(loss->gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
-            kj::mv(loss->reason));
+        closeIdle(loss.gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
+            kj::mv(loss.reason));
         kj::throwFatalException(kj::mv(exception));
       }
       auto stream = kj::mv(idle.stream);
       stream->beginExchange(method);
       kj::HttpClientSettings clientSettings;
-      KJ_IF_MAYBE(entropy, settings.entropySource) {
-        clientSettings.entropySource = *entropy;
+      KJ_IF_SOME(entropy, settings.entropySource) {
+        clientSettings.entropySource = entropy;
       } else {
         static SystemEntropySource systemEntropy;  // stateless: one for the process
         clientSettings.entropySource = systemEntropy;
@@ -455,12 +458,12 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
 
   // Mirror kj-http's choice of request framing, to know when the request is fully written.
   bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
-  KJ_IF_MAYBE(size, expectedBodySize) {
-    if (isGet && *size == 0) {
+  KJ_IF_SOME(size, expectedBodySize) {
+    if (isGet && size == 0) {
       exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
     } else {
       exchange->requestBodyKind = Exchange::RequestBodyKind::FIXED;
-      exchange->requestBodyExpected = *size;
+      exchange->requestBodyExpected = size;
     }
   } else if (isGet && headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) == nullptr) {
     exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
@@ -509,8 +512,8 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
 }
 
 kj::Own<kj::AsyncIoStream> StreamFetcher::release() {
-  KJ_IF_MAYBE(idle, state.tryGet<Idle>()) {
-    auto stream = kj::mv(idle->stream);
+  KJ_IF_SOME(idle, state.tryGet<Idle>()) {
+    auto stream = kj::mv(idle.stream);
     stream->passThrough();
     state.init<Released>();
     return kj::mv(stream);
@@ -526,8 +529,8 @@ void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   lastRequestBytes = true;
   stream->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(stream)});
-  KJ_IF_MAYBE(o, observer) {
-    o->fetcherIdle(*this);  // last: the observer may start the next request
+  KJ_IF_SOME(o, observer) {
+    o.fetcherIdle(*this);  // last: the observer may start the next request
   }
 }
 
@@ -537,25 +540,25 @@ void StreamFetcher::exchangeFailed(
   lastResponseBytes = receivedAny;
   lastRequestBytes = wroteAny;
   state.init<Closed>(Closed{kind, kj::mv(reason)});
-  KJ_IF_MAYBE(o, observer) {
-    o->fetcherClosed(*this);
+  KJ_IF_SOME(o, observer) {
+    o.fetcherClosed(*this);
   }
 }
 
 void StreamFetcher::closeIdle(CloseKind kind, kj::String reason) {
-  KJ_IF_MAYBE(idle, state.tryGet<Idle>()) {
+  KJ_IF_SOME(idle, state.tryGet<Idle>()) {
     // Called from the idle read's continuation, which the stream owns: destroy it a little later.
-    disposal.add(kj::evalLater([]() {}).attach(kj::mv(idle->stream)));
+    disposal.add(kj::evalLater([]() {}).attach(kj::mv(idle.stream)));
     state.init<Closed>(Closed{kind, kj::mv(reason)});
-    KJ_IF_MAYBE(o, observer) {
-      o->fetcherClosed(*this);
+    KJ_IF_SOME(o, observer) {
+      o.fetcherClosed(*this);
     }
   }
 }
 
 StreamFetcher::CloseKind StreamFetcher::getCloseKind() const {
-  KJ_IF_MAYBE(closed, state.tryGet<Closed>()) {
-    return closed->kind;
+  KJ_IF_SOME(closed, state.tryGet<Closed>()) {
+    return closed.kind;
   }
   return CloseKind::NONE;
 }

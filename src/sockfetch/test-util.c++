@@ -64,11 +64,11 @@ kj::Maybe<kj::String> headerValue(kj::StringPtr head, kj::StringPtr name) {
 
 kj::String Peer::readRequest() {
   auto head = readHead();
-  KJ_IF_MAYBE(length, headerValue(head, "content-length")) {
-    return kj::str(head, readExactly(length->parseAs<size_t>()));
+  KJ_IF_SOME(length, headerValue(head, "content-length")) {
+    return kj::str(head, readExactly(length.parseAs<size_t>()));
   }
-  KJ_IF_MAYBE(te, headerValue(head, "transfer-encoding")) {
-    KJ_ASSERT(*te == "chunked", *te);
+  KJ_IF_SOME(te, headerValue(head, "transfer-encoding")) {
+    KJ_ASSERT(te == "chunked", te);
     kj::Vector<char> body;
     for (;;) {
       // size line
@@ -119,8 +119,8 @@ bool Peer::sawEof() {
   if (buffer.size() > 0) return false;
   // A reset counts: a socket closed with unread input ends with RST rather than FIN.
   bool more = false;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { more = tryFill(); })) {
-    return e->getType() == kj::Exception::Type::DISCONNECTED;
+  KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { more = tryFill(); })) {
+    return e.getType() == kj::Exception::Type::DISCONNECTED;
   }
   return !more;
 }
@@ -222,8 +222,8 @@ kj::Maybe<size_t> requestLength(kj::ArrayPtr<const char> data) {
   for (size_t i = 0; i + 4 <= data.size(); i++) {
     if (memcmp(data.begin() + i, "\r\n\r\n", 4) != 0) continue;
     auto head = kj::heapString(data.begin(), i + 4);
-    KJ_IF_MAYBE(length, headerValue(head, "content-length")) {
-      size_t total = i + 4 + length->parseAs<size_t>();
+    KJ_IF_SOME(length, headerValue(head, "content-length")) {
+      size_t total = i + 4 + length.parseAs<size_t>();
       if (data.size() >= total) return total;
       return nullptr;
     }
@@ -292,8 +292,8 @@ kj::Own<kj::NetworkAddress> ScriptedServer::address() {
 void ScriptedServer::closeIdleConnections() {
   for (auto connection: connections) {
     if (connection->waitingForRequest) {
-      KJ_IF_MAYBE(f, connection->closeNow) {
-        (*f)->fulfill();
+      KJ_IF_SOME(f, connection->closeNow) {
+        (f)->fulfill();
       }
     }
   }
@@ -309,11 +309,11 @@ kj::Promise<void> ScriptedServer::acceptLoop() {
 }
 
 kj::Promise<void> ScriptedServer::serve(Connection& c) {
-  KJ_IF_MAYBE(length, requestLength(kj::arrayPtr(c.buffer.begin(), c.buffer.size()))) {
+  KJ_IF_SOME(length, requestLength(kj::arrayPtr(c.buffer.begin(), c.buffer.size()))) {
     c.waitingForRequest = false;
-    auto text = kj::heapString(c.buffer.begin(), *length);
+    auto text = kj::heapString(c.buffer.begin(), length);
     kj::Vector<char> rest;
-    rest.addAll(c.buffer.begin() + *length, c.buffer.end());
+    rest.addAll(c.buffer.begin() + length, c.buffer.end());
     c.buffer = kj::mv(rest);
     if (c.buffer.size() > 0) ++pipelined;  // a second request before the first was answered
     ++busy;
