@@ -17,9 +17,9 @@ class FramedStream final: public kj::AsyncIoStream {
   //    or an error) the connection is lost, and the IdleListener hears why.
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
-  //    response is over they never complete. The first read or write of an exchange first yields
-  //    to the event loop and checks that nothing happened to the idle connection meanwhile, so a
-  //    lost connection fails before a byte of the request is written.
+  //    response is over they never complete. Before a byte of the request is written, the idle
+  //    connection is checked once more: on a socket synchronously (checkIdleNow() peeks at the
+  //    kernel), on any other stream by yielding to the event loop and reading again.
   //  - pass-through (passThrough()): after an upgrade, or once released to the caller, reads
   //    return every byte: first the ones buffered (and the idle read's byte, if it got one), then
   //    the raw stream's.
