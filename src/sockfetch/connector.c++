@@ -43,6 +43,8 @@ public:
     inner->abortRead();
   }
   kj::Maybe<int> getFd() const override {
+    // While prefix bytes remain, asking the descriptor (MSG_PEEK) would not see them.
+    if (offset < prefix.size()) return nullptr;
     return inner->getFd();
   }
 
@@ -78,6 +80,7 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
           state->target, ": \"", statusLine.slice(9), "\"; check the proxy's access rules and "
           "credentials"));
     }
+    if (i + 4 == received.size()) return kj::mv(state->stream);
     auto rest = kj::heapArray<kj::byte>(received.slice(i + 4, received.size()));
     return kj::Own<kj::AsyncIoStream>(
         kj::heap<PrefixedStream>(kj::mv(rest), kj::mv(state->stream)));

@@ -137,19 +137,29 @@ void FramedStream::probeDone() {
   }
 }
 
+namespace {
+
+constexpr kj::StringPtr POISONED_IDLE = "the server sent data on the idle connection while no "
+    "request was outstanding, so the connection was dropped as poisoned"_kj;
+constexpr kj::StringPtr CLOSED_IDLE = "the server closed the idle connection"_kj;
+
+}  // namespace
+
 kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
-  socketChecked = false;
   KJ_IF_SOME(outcome, probeOutcome) {
     if (outcome.is<ProbeGotByte>()) {
-      return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
-          "request was outstanding, so the connection was dropped as poisoned")};
+      return IdleLoss{true, kj::str(POISONED_IDLE)};
     } else if (outcome.is<ProbeGotEof>()) {
-      return IdleLoss{false, kj::str("the server closed the idle connection")};
+      return IdleLoss{false, kj::str(CLOSED_IDLE)};
     } else if (outcome.is<kj::Exception>()) {
       return IdleLoss{false, kj::str("the idle connection failed: ",
           outcome.get<kj::Exception>().getDescription())};
     }
   }
+  return peekSocket();
+}
+
+kj::Maybe<FramedStream::IdleLoss> FramedStream::peekSocket() {
   KJ_IF_SOME(fd, raw->getFd()) {
     // Ask the kernel directly, without consuming anything: bytes or EOF it holds may not have
     // been reported by the event loop yet.
@@ -158,14 +168,9 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
     do {
       n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
-    if (n > 0) {
-      return IdleLoss{true, kj::str("the server sent data on the idle connection while no "
-          "request was outstanding, so the connection was dropped as poisoned")};
-    }
-    if (n == 0) return IdleLoss{false, kj::str("the server closed the idle connection")};
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      socketChecked = true;
-    } else if (errno != ENOTSOCK) {
+    if (n > 0) return IdleLoss{true, kj::str(POISONED_IDLE)};
+    if (n == 0) return IdleLoss{false, kj::str(CLOSED_IDLE)};
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOTSOCK) {
       return IdleLoss{false, kj::str("the idle connection failed: ", strerror(errno))};
     }
   }
@@ -176,62 +181,48 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   KJ_REQUIRE(mode == Mode::IDLE, "FramedStream: an exchange may only begin on an idle stream");
   mode = Mode::EXCHANGE;
   idleListener = nullptr;
+  gateLoss = nullptr;
   framer.start(method);
   writesInFlight = 0;
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
-  if (socketChecked) {
-    // checkIdleNow() asked the kernel just now and nothing had arrived. On a file descriptor the
-    // idle read consumes bytes only inside the event that also runs its continuation, so it has
-    // consumed nothing and cancelling it loses nothing.
-    probe = nullptr;
-    probeOutcome = nullptr;
-    gatePassed = true;
-    return;
-  }
+  // The idle read is never cancelled: it may already have consumed a byte whose continuation has
+  // not run yet (a stream commonly completes a read in one event and runs its continuation in a
+  // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
+  // outcome becomes the start of the response (see fill()).
+  //
+  // Before the first byte of the request is written, yield once to the event loop: an idle read
+  // that completed before this point has its continuation queued ahead of this one, so the gate
+  // sees it and fails the exchange with nothing written. On a socket the gate also asks the
+  // kernel again, for anything that arrived since checkIdleNow().
   gatePassed = false;
-  // Before touching the connection, look twice:
-  //  1. Yield once: an idle read that completed just now (its continuation queued but not yet
-  //     run) is noticed, before any request byte is written.
-  //  2. Read again, straight from the connection: a stream that already holds a byte or EOF that
-  //     the event loop has not reported yet (a socket: the kernel has it, epoll was not polled)
-  //     answers such a read at once, which the next turn sees.
-  // Cancelling the idle read in between loses nothing, as it had not completed.
   gate = kj::evalLater([this]() {
-    checkIdleOutcome();
-    startProbe();
-    return kj::evalLater([this]() {
-      checkIdleOutcome();
-      gatePassed = true;
-    });
+    checkGate();
+    gatePassed = true;
   }).fork();
 }
 
-void FramedStream::checkIdleOutcome() {
+void FramedStream::checkGate() {
   KJ_IF_SOME(outcome, probeOutcome) {
-    KJ_SWITCH_ONEOF(outcome) {
-      KJ_CASE_ONEOF(pending, ProbePending) {
-        // Nothing arrived. Cancelling a read that has not completed loses no data.
-        probe = nullptr;
-        probeOutcome = nullptr;
-      }
-      KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
-        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-            "the server sent data on the idle connection before the request was written, so the "
-            "connection was dropped as poisoned; retry on a new connection"));
-      }
-      KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
-        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-            "the server closed the idle connection before the request was written; retry on a "
-            "new connection"));
-      }
-      KJ_CASE_ONEOF(error, kj::Exception) {
-        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-            kj::str("the idle connection failed before the request was written (",
-                error.getDescription(), "); retry on a new connection")));
-      }
+    if (!outcome.is<ProbePending>()) {
+      auto loss = KJ_ASSERT_NONNULL(checkIdleNow());
+      failGate(kj::mv(loss));
     }
   }
+  KJ_IF_SOME(loss, peekSocket()) {
+    failGate(kj::mv(loss));
+  }
+}
+
+void FramedStream::failGate(IdleLoss loss) {
+  auto exception = loss.gotBytes
+      ? KJ_EXCEPTION(DISCONNECTED, "the server sent data on the idle connection before the "
+            "request was written, so the connection was dropped as poisoned; retry on a new "
+            "connection")
+      : KJ_EXCEPTION(DISCONNECTED, kj::str(loss.reason, " before the request was written; retry "
+            "on a new connection"));
+  gateLoss = kj::mv(loss);
+  kj::throwFatalException(kj::mv(exception));
 }
 
 kj::Promise<void> FramedStream::passGate() {
@@ -292,7 +283,7 @@ kj::Promise<size_t> FramedStream::readLoop(
     return kj::Promise<size_t>(kj::NEVER_DONE);
   }
   size_t direct = framer.directReadLimit();
-  if (direct > 0 && maxBytes - done >= DIRECT_READ_MIN) {
+  if (direct > 0 && maxBytes - done >= DIRECT_READ_MIN && probeOutcome == nullptr) {
     // Body data with nothing buffered: read it straight into the consumer's buffer (no copy, and
     // as much as the consumer asked for), but never past the end of the body.
     size_t want = kj::min(maxBytes - done, direct);
@@ -313,6 +304,30 @@ kj::Promise<size_t> FramedStream::readLoop(
 }
 
 kj::Promise<void> FramedStream::fill() {
+  KJ_IF_SOME(outcome, probeOutcome) {
+    // The exchange adopted the idle read (see beginExchange()): its outcome comes first.
+    if (outcome.is<ProbePending>()) {
+      return awaitProbe().then([this]() { return fill(); });
+    }
+    ProbeOutcome taken = takeProbe();
+    KJ_SWITCH_ONEOF(taken) {
+      KJ_CASE_ONEOF(pending, ProbePending) {
+        KJ_UNREACHABLE;
+      }
+      KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
+        framer.space()[0] = probeByte;
+        framer.received(1);
+      }
+      KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
+        rawEof = true;
+        framer.receivedEof();
+      }
+      KJ_CASE_ONEOF(error, kj::Exception) {
+        return kj::mv(error);
+      }
+    }
+    return kj::READY_NOW;
+  }
   auto space = framer.space();
   return raw->tryRead(space.begin(), 1, space.size()).then([this](size_t n) {
     if (n == 0) {
@@ -324,27 +339,39 @@ kj::Promise<void> FramedStream::fill() {
   });
 }
 
+kj::Promise<void> FramedStream::awaitProbe() {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  probeWaiter = kj::mv(paf.fulfiller);
+  return kj::mv(paf.promise);
+}
+
+FramedStream::ProbeOutcome FramedStream::takeProbe() {
+  // Only once the idle read completed: its promise is done and may be dropped.
+  ProbeOutcome taken = kj::mv(KJ_ASSERT_NONNULL(probeOutcome));
+  probeOutcome = nullptr;
+  probe = nullptr;
+  return taken;
+}
+
 kj::Promise<size_t> FramedStream::passThroughRead(
     kj::byte* buffer, size_t minBytes, size_t maxBytes) {
   size_t done = 0;
   KJ_IF_SOME(outcome, probeOutcome) {
     if (outcome.is<ProbePending>()) {
-      // The idle read may already hold a byte: wait for it rather than cancel it.
-      auto paf = kj::newPromiseAndFulfiller<void>();
-      probeWaiter = kj::mv(paf.fulfiller);
-      return paf.promise.then([this, buffer, minBytes, maxBytes]() {
+      // The idle read may already hold a byte: wait for it rather than cancel it (unless the
+      // caller wants nothing now: nothing else is buffered while it is outstanding).
+      if (minBytes == 0) return size_t(0);
+      return awaitProbe().then([this, buffer, minBytes, maxBytes]() {
         return passThroughRead(buffer, minBytes, maxBytes);
       });
     }
-    ProbeOutcome taken = kj::mv(outcome);
-    probeOutcome = nullptr;
-    probe = nullptr;
+    if (maxBytes == 0) return size_t(0);  // nothing to put the idle read's byte in: keep it
+    ProbeOutcome taken = takeProbe();
     KJ_SWITCH_ONEOF(taken) {
       KJ_CASE_ONEOF(pending, ProbePending) {
         KJ_UNREACHABLE;
       }
       KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
-        if (maxBytes == 0) return size_t(0);
         buffer[0] = probeByte;
         done = 1;
       }

@@ -17,9 +17,9 @@ class FramedStream final: public kj::AsyncIoStream {
   //    or an error) the connection is lost, and the IdleListener hears why.
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
-  //    response is over they never complete. Before a byte of the request is written, the idle
-  //    connection is checked once more: on a socket synchronously (checkIdleNow() peeks at the
-  //    kernel), on any other stream by yielding to the event loop and reading again.
+  //    response is over they never complete. The idle read is never cancelled (it may hold a
+  //    byte already): the exchange adopts it as the first read of the response. Before a byte of
+  //    the request is written, the connection is checked once more (see beginExchange()).
   //  - pass-through (passThrough()): after an upgrade, or once released to the caller, reads
   //    return every byte: first the ones buffered (and the idle read's byte, if it got one), then
   //    the raw stream's.
@@ -55,9 +55,13 @@ public:
   // are seen too. Call right before beginExchange(); null means go ahead.
 
   void beginExchange(kj::HttpMethod method);
-  // Enters exchange mode for a request with this method. When checkIdleNow() could ask the
-  // kernel, the exchange starts at once; otherwise its first read or write first yields to the
-  // event loop and checks again (see the class comment).
+  // Enters exchange mode for a request with this method. The exchange's first read or write
+  // first yields to the event loop once, so that an idle read that completed just before is
+  // seen, and on a socket asks the kernel again; if the connection was lost while idle, that read
+  // or write fails (DISCONNECTED) with nothing written, and getGateLoss() says why.
+
+  kj::Maybe<const IdleLoss&> getGateLoss() const { return gateLoss; }
+  // Why the current exchange was refused before writing anything, if it was.
 
   kj::Promise<void> finishResponse();
   // Once the consumer has read the response body to its end: reads whatever of the response the
@@ -104,15 +108,15 @@ private:
 
   // Idle watching.
   kj::byte probeByte = 0;
-  kj::Maybe<ProbeOutcome> probeOutcome;  // null when no idle read was started
+  kj::Maybe<ProbeOutcome> probeOutcome;  // null when no idle read is outstanding or unread
   kj::Maybe<IdleListener&> idleListener;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> probeWaiter;
   kj::Maybe<kj::Promise<void>> probe;  // declared after what its continuation touches
 
   // Exchange.
   bool gatePassed = true;
-  bool socketChecked = false;
   kj::Maybe<kj::ForkedPromise<void>> gate;
+  kj::Maybe<IdleLoss> gateLoss;
   uint64_t writesInFlight = 0;
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
@@ -120,8 +124,12 @@ private:
   void detachView();
   void startProbe();
   void probeDone();
+  kj::Maybe<IdleLoss> peekSocket();
   kj::Promise<void> passGate();
-  void checkIdleOutcome();
+  void checkGate();
+  [[noreturn]] void failGate(IdleLoss loss);
+  kj::Promise<void> awaitProbe();
+  ProbeOutcome takeProbe();
   kj::Promise<size_t> readLoop(kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done);
   kj::Promise<size_t> passThroughRead(kj::byte* buffer, size_t minBytes, size_t maxBytes);
   kj::Promise<void> fill();

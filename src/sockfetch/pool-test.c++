@@ -432,6 +432,31 @@ KJ_TEST("ConnectionPool reports a proxy that refuses CONNECT, naming its status"
   KJ_EXPECT(tunnelled.getStats().connectFailures == 1);
 }
 
+KJ_TEST("ConnectionPool never takes bytes that follow the proxy's CONNECT answer as a response") {
+  // The far end speaks before any request: what it sent is unsolicited, not the next response.
+  unsigned requestsThroughTunnel = 0;
+  Env env([&](unsigned, unsigned request, kj::StringPtr text) {
+    if (request == 0) {
+      Reply reply;
+      reply.bytes = kj::str("HTTP/1.1 200 Connection Established\r\n\r\n"
+          "XHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil");
+      return reply;
+    }
+    ++requestsThroughTunnel;
+    return ok("good");
+  });
+  auto proxy = env.server->address();
+  ConnectionPool tunnelled(env.timer, env.table,
+      tunnelConnector(addressConnector(*proxy), "origin.test:8080"));
+  auto request = tunnelled.request(kj::HttpMethod::GET, "/", env.headers());
+  request.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("poisoned", request.response.wait(env.ws));
+  // Nothing was written, so the pool tried once more on a new tunnel, which did the same.
+  KJ_EXPECT(tunnelled.getStats().retries == 1);
+  KJ_EXPECT(tunnelled.getStats().droppedUnsolicitedBytes == 2);
+  KJ_EXPECT(requestsThroughTunnel == 0, "a request was written after the unsolicited bytes");
+}
+
 // =================================================================================================
 // Destruction
 

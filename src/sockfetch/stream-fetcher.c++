@@ -66,6 +66,17 @@ public:
 
   void detachFetcher() { fetcher = nullptr; }
 
+  void failRequest(kj::StringPtr what, const kj::Exception& e) {
+    // The request or handshake failed. If the connection was found lost before anything was
+    // written, say so (and count it as such) rather than as a failed exchange.
+    KJ_IF_SOME(loss, stream->getGateLoss()) {
+      fail(loss.gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
+          kj::str(loss.reason));
+    } else {
+      fail(CloseKind::FAILED, kj::str(what, e.getDescription()));
+    }
+  }
+
   kj::Maybe<kj::String> whyRequestIncomplete();
 
   kj::HttpClient::Response onResponse(kj::HttpClient::Response&& response);
@@ -479,7 +490,7 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
       .then([ex](Response&& response) {
     return ex->onResponse(kj::mv(response));
   }, [ex](kj::Exception&& e) -> Response {
-    ex->fail(CloseKind::FAILED, kj::str("the previous request failed: ", e.getDescription()));
+    ex->failRequest("the previous request failed: ", e);
     kj::throwFatalException(kj::mv(e));
   }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
     // Keeps the exchange alive as long as the promise; runs on completion and on cancellation.
@@ -500,8 +511,7 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
       .then([ex](WebSocketResponse&& response) {
     return ex->onWebSocketResponse(kj::mv(response));
   }, [ex](kj::Exception&& e) -> WebSocketResponse {
-    ex->fail(CloseKind::FAILED,
-        kj::str("the previous WebSocket handshake failed: ", e.getDescription()));
+    ex->failRequest("the previous WebSocket handshake failed: ", e);
     kj::throwFatalException(kj::mv(e));
   }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
     if (!exchange->responded) {

@@ -31,7 +31,8 @@ class StreamFetcher final: public kj::HttpClient {
   // server closing it drops the connection, with that reason, before a next request is written.
   // When the stream exposes a file descriptor (getFd()), request() also asks the kernel directly
   // (MSG_PEEK) so that what the event loop has not reported yet is caught too; a stream that
-  // transforms the bytes of its descriptor (TLS, say) must therefore not expose it.
+  // transforms the bytes of its descriptor (TLS, say) or holds some of them in user space must
+  // therefore not expose it.
   // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
   // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
   //

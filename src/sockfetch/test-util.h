@@ -110,7 +110,6 @@ private:
   kj::Promise<void> acceptLoop();
   kj::Promise<void> serve(Connection& connection);
 };
-// The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455), for scripted handshakes.
 
 }  // namespace test
 }  // namespace sockfetch
