@@ -186,6 +186,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   writesInFlight = 0;
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
+  readingBody = false;
   // The idle read is never cancelled: it may already have consumed a byte whose continuation has
   // not run yet (a stream commonly completes a read in one event and runs its continuation in a
   // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
@@ -280,6 +281,11 @@ kj::Promise<size_t> FramedStream::readLoop(
     // (to notice the connection closing); that read must not see the next bytes, so it waits
     // until the per-fetch client is destroyed.
     if (done > 0) return done;
+    if (readingBody) {
+      return KJ_EXCEPTION(FAILED, "the response's body reached past the end of the response as "
+          "framed from its head (a malformed or ambiguous response); the connection was dropped, "
+          "check the upstream server");
+    }
     return kj::Promise<size_t>(kj::NEVER_DONE);
   }
   size_t direct = framer.directReadLimit();

@@ -76,6 +76,11 @@ public:
   // complete and its writes fail, so a kj::HttpClient kept alive past its exchange (to keep its
   // response headers valid) can never touch a later exchange's bytes. May outlive this stream.
 
+  void setReadingBody(bool reading) { readingBody = reading; }
+  // Whether the consumer is reading the response body through kj-http right now. kj-http reads on
+  // after a response (its reads then wait forever), but a body read that needs bytes past the
+  // end of the response means kj-http and the framer disagree where it ends: that read fails.
+
   ResponseFramer& getFramer() { return framer; }
   uint64_t getWritesInFlight() const { return writesInFlight; }
   uint64_t getWritesCompleted() const { return writesCompleted; }
@@ -120,6 +125,7 @@ private:
   uint64_t writesInFlight = 0;
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
+  bool readingBody = false;
 
   void detachView();
   void startProbe();

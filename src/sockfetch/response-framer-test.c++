@@ -183,5 +183,50 @@ KJ_TEST("ResponseFramer reports a truncated response at EOF") {
   KJ_EXPECT(eofBody.whyNotReusable() != nullptr);
 }
 
+KJ_TEST("ResponseFramer reads header lines exactly as kj-http does") {
+  // Whitespace before the colon is removed: the name still counts.
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhelloNEXT"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.residue == 4);
+  }
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding\t: chunked"
+        "\r\n\r\n3\r\nabc\r\n0\r\n\r\n"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.residue == 0);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(framer.whyNotReusable()) ==
+        "the response had both Transfer-Encoding and Content-Length");
+  }
+  // A folded line belongs to the field before it: this Content-Length is part of X-A's value.
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nX-A: 1\r\n Content-Length: 5\r\n"
+        "Connection: close\r\n\r\nhello"_kj});
+    KJ_EXPECT(!fed.complete);  // delimited by the connection closing
+    KJ_EXPECT(fed.passed.endsWith("hello"));
+  }
+  // A lone CR ends a line.
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nX-A: 1\rContent-Length: 2\r\n\r\nokNEXT"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.residue == 4);
+  }
+  // A header line without a valid name is malformed, as it is for kj.
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    KJ_EXPECT_THROW_MESSAGE("invalid header line",
+        feed(framer, {"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n"_kj}));
+  }
+}
+
 }  // namespace
 }  // namespace sockfetch

@@ -62,6 +62,51 @@ kj::Maybe<uint64_t> parseDecimal(kj::ArrayPtr<const char> s) {
   return v;
 }
 
+bool isTokenChar(char c) {
+  // RFC 9110 tchar: what a header name is made of.
+  if (('a' <= c && c <= 'z') || ('A' <= c && c <= 'Z') || ('0' <= c && c <= '9')) return true;
+  return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+}
+
+template <typename Func>
+void forEachLine(kj::ArrayPtr<const char> block, Func&& func) {
+  // Calls func(line) for each line of a header block, split exactly as kj-http splits it (the
+  // framer must see the same header fields as the kj client it sits under): a line ends at LF,
+  // CR LF or a lone CR, and a line that starts with SP or HTAB continues the one before it, that
+  // line break read as spaces (obsolete line folding). `line` excludes its line break.
+  kj::Vector<char> folded;
+  size_t i = 0;
+  while (i < block.size()) {
+    size_t start = i;
+    bool isFolded = false;
+    folded.clear();
+    for (;;) {
+      size_t contentEnd = i;
+      while (contentEnd < block.size() && block[contentEnd] != '\r' && block[contentEnd] != '\n') {
+        contentEnd++;
+      }
+      size_t next = contentEnd;
+      if (next < block.size() && block[next] == '\r') next++;
+      if (next < block.size() && block[next] == '\n') next++;
+      bool continues = next < block.size() && (block[next] == ' ' || block[next] == '\t');
+      if (!continues && !isFolded) {
+        func(block.slice(start, contentEnd));
+        i = next;
+        break;
+      }
+      isFolded = true;
+      folded.addAll(block.slice(i, contentEnd));
+      if (!continues) {
+        func(folded.asPtr());
+        i = next;
+        break;
+      }
+      for (size_t j = contentEnd; j < next; j++) folded.add(' ');
+      i = next;
+    }
+  }
+}
+
 kj::Exception malformed(kj::StringPtr what) {
   return KJ_EXCEPTION(FAILED,
       kj::str("the server sent a malformed HTTP response (", what,
@@ -417,45 +462,33 @@ bool ResponseFramer::parseHeaderBlock() {
 
 void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   head = Head();
-  // Status line: HTTP/1.x SP 3DIGIT [SP reason]
-  size_t lineEnd = 0;
-  while (lineEnd < block.size() && block[lineEnd] != '\n') lineEnd++;
-  auto statusLine = trim(block.slice(0, lineEnd));
-  if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
-      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
-    kj::throwFatalException(malformed("invalid status line"));
-  }
-  head.http10 = statusLine[7] == '0';
-  unsigned status = 0;
-  for (size_t i = 9; i < 12; i++) {
-    char c = statusLine[i];
-    if (c < '0' || c > '9') kj::throwFatalException(malformed("invalid status code"));
-    status = status * 10 + (c - '0');
-  }
-  if (statusLine.size() > 12 && statusLine[12] != ' ') {
-    kj::throwFatalException(malformed("invalid status code"));
-  }
-  if (status < 100) kj::throwFatalException(malformed("invalid status code"));
-  head.status = status;
-
   kj::Maybe<uint64_t> contentLength;
   bool hasTransferEncoding = false;
   bool chunked = false;
-  size_t pos = lineEnd + 1;
-  while (pos < block.size()) {
-    size_t e = pos;
-    while (e < block.size() && block[e] != '\n') e++;
-    auto line = block.slice(pos, e);
-    pos = e + 1;
-    if (trim(line).size() == 0) continue;
-    const char* colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
-    if (colon == nullptr) kj::throwFatalException(malformed("header line without a colon"));
-    auto name = line.slice(0, colon - line.begin());
-    char first = name.size() > 0 ? lower(name[0]) : 0;
-    bool interesting = (first == 'c' && (name.size() == 14 || name.size() == 10)) ||
-        (first == 't' && name.size() == 17);
-    if (!interesting) continue;
-    auto value = trim(line.slice(colon - line.begin() + 1, line.size()));
+  unsigned status = 0;
+  bool first = true;
+  forEachLine(block, [&](kj::ArrayPtr<const char> line) {
+    if (first) {
+      first = false;
+      parseStatusLine(trim(line));
+      status = head.status;
+      return;
+    }
+    if (trim(line).size() == 0) return;  // the blank line that ends the block
+    // field-name, optional whitespace (kj-http removes it, as RFC 9112 asks of a proxy), colon.
+    size_t nameEnd = 0;
+    while (nameEnd < line.size() && isTokenChar(line[nameEnd])) nameEnd++;
+    size_t colon = nameEnd;
+    while (colon < line.size() && (line[colon] == ' ' || line[colon] == '\t')) colon++;
+    if (nameEnd == 0 || colon == line.size() || line[colon] != ':') {
+      kj::throwFatalException(malformed("invalid header line"));
+    }
+    auto name = line.slice(0, nameEnd);
+    char c0 = lower(name[0]);
+    bool interesting = (c0 == 'c' && (name.size() == 14 || name.size() == 10)) ||
+        (c0 == 't' && name.size() == 17);
+    if (!interesting) return;
+    auto value = trim(line.slice(colon + 1, line.size()));
     if (equalsIgnoreCase(name, "content-length")) {
       // A list of identical values is tolerated (RFC 9110 8.6); anything else is an error.
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
@@ -480,7 +513,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
         if (equalsIgnoreCase(token, "keep-alive")) head.keepAlive = true;
       });
     }
-  }
+  });
 
   if (status < 200 || status == 204 || status == 304 || method == kj::HttpMethod::HEAD) {
     return;  // no body; parseHeaderBlock() completes the response
@@ -508,6 +541,26 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   // Set positions for the body states; the caller sets parsed/limit to the end of the block.
   lineStart = static_cast<size_t>(block.end() - reinterpret_cast<const char*>(buffer.begin()));
   if (state == State::COMPLETE) messageEnd = lineStart;
+}
+
+void ResponseFramer::parseStatusLine(kj::ArrayPtr<const char> statusLine) {
+  // HTTP/1.x SP 3DIGIT [SP reason]
+  if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
+      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
+    kj::throwFatalException(malformed("invalid status line"));
+  }
+  head.http10 = statusLine[7] == '0';
+  unsigned status = 0;
+  for (size_t i = 9; i < 12; i++) {
+    char c = statusLine[i];
+    if (c < '0' || c > '9') kj::throwFatalException(malformed("invalid status code"));
+    status = status * 10 + (c - '0');
+  }
+  if (statusLine.size() > 12 && statusLine[12] != ' ') {
+    kj::throwFatalException(malformed("invalid status code"));
+  }
+  if (status < 100) kj::throwFatalException(malformed("invalid status code"));
+  head.status = status;
 }
 
 void ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {

@@ -166,6 +166,7 @@ private:
   void parseEof();
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
+  void parseStatusLine(kj::ArrayPtr<const char> line);
   void parseChunkLine(kj::ArrayPtr<const char> line);
   bool parseTrailerLine();
   void compact();

@@ -573,6 +573,33 @@ BOTH_TRANSPORTS(largeHead, "StreamFetcher accepts a 20 KiB response head and reu
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
 }
 
+BOTH_TRANSPORTS(headerNamesAsKjReadsThem,
+    "StreamFetcher frames a response by the same header fields kj-http reads") {
+  // Whitespace before the colon: kj-http takes the field, and so must the framer.
+  auto r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhello");
+  KJ_EXPECT(r.body == "hello");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  // A folded line is part of the field before it, not a Content-Length of its own.
+  r = env.exchange(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nX-A: 1\r\n Content-Length: 9\r\nContent-Length: 2\r\n\r\nok");
+  KJ_EXPECT(r.body == "ok");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+  // Transfer-Encoding (with whitespace before its colon) wins over Content-Length: kj-http reads
+  // the chunked body; the connection is not reused, and nothing waits for bytes never coming.
+  auto request = env.get();
+  request.body = nullptr;
+  env.peer->readRequest();
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+      "Transfer-Encoding : chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n");
+  auto response = env.waitAtMost(kj::mv(request.response));
+  KJ_EXPECT(env.waitAtMost(response.body->readAllText()) == "0123456789");
+  sent.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::NOT_REUSABLE);
+  KJ_EXPECT(contains(env.closeReason(), "both Transfer-Encoding and Content-Length"),
+      env.closeReason());
+}
+
 BOTH_TRANSPORTS(oversizedHead, "StreamFetcher rejects a response head over its limit") {
   auto req = env.get();
   req.body = nullptr;

@@ -66,6 +66,14 @@ public:
 
   void detachFetcher() { fetcher = nullptr; }
 
+  void failNotReusable(kj::StringPtr why) {
+    auto& framer = stream->getFramer();
+    auto kind = framer.isUpgrade() ? CloseKind::UPGRADED
+        : framer.saidClose()       ? CloseKind::CONNECTION_CLOSE
+                                   : CloseKind::NOT_REUSABLE;
+    fail(kind, kj::str(why));
+  }
+
   void failRequest(kj::StringPtr what, const kj::Exception& e) {
     // The request or handshake failed. If the connection was found lost before anything was
     // written, say so (and count it as such) rather than as a failed exchange.
@@ -195,8 +203,10 @@ public:
       return cloneException(failure);
     }
     KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
+    setReadingBody(true);
     return inner->tryRead(buffer, minBytes, maxBytes)
         .then([this, minBytes](size_t n) -> kj::Promise<size_t> {
+      setReadingBody(false);
       // A short read is the end; so is a fixed-length body with nothing left (a reader that
       // asked for exactly the remaining length will not ask again).
       bool end = n < minBytes;
@@ -208,10 +218,14 @@ public:
       if (!end) return n;
       return reachedEnd().then([n]() { return n; });
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+      setReadingBody(false);
       exchange->fail(CloseKind::FAILED,
           kj::str("reading the previous response body failed: ", e.getDescription()));
       return kj::mv(e);
-    });
+    }).attach(kj::defer([exchange = kj::addRef(*exchange)]() mutable {
+      // Cancelled (possibly after this body was dropped).
+      if (exchange->stream.get() != nullptr) exchange->stream->setReadingBody(false);
+    }));
   }
 
   kj::Maybe<uint64_t> tryGetLength() override {
@@ -228,6 +242,11 @@ private:
   kj::Maybe<kj::Exception> readFailure;
   bool atEnd = false;
 
+  void setReadingBody(bool reading) {
+    // The connection moves on (and the exchange lets go of it) once the body is over.
+    if (exchange->stream.get() != nullptr) exchange->stream->setReadingBody(reading);
+  }
+
   kj::Promise<void> reachedEnd() {
     // kj's body is done with the connection; drop it before the client goes.
     inner = nullptr;
@@ -236,10 +255,21 @@ private:
       atEnd = true;
       return kj::READY_NOW;
     }
-    if (exchange->stream->getFramer().isComplete()) {
+    auto& framer = exchange->stream->getFramer();
+    if (framer.isComplete()) {
       atEnd = true;
       exchange->succeed();
       return kj::READY_NOW;
+    }
+    if (framer.getFailure() == nullptr) {
+      KJ_IF_SOME(why, framer.whyNotReusable()) {
+        // kj-http saw the end of the body before the framer did (they read the head differently,
+        // or the body is delimited by the connection closing): the connection cannot be reused
+        // anyway, so do not wait for the rest.
+        atEnd = true;
+        exchange->failNotReusable(why);
+        return kj::READY_NOW;
+      }
     }
     return exchange->stream->finishResponse().then([this]() {
       atEnd = true;
@@ -315,10 +345,7 @@ void StreamFetcher::Exchange::succeed() {
   }
   auto& framer = stream->getFramer();
   KJ_IF_SOME(why, framer.whyNotReusable()) {
-    auto kind = framer.isUpgrade() ? CloseKind::UPGRADED
-        : framer.saidClose()       ? CloseKind::CONNECTION_CLOSE
-                                   : CloseKind::NOT_REUSABLE;
-    return fail(kind, kj::str(why));
+    return failNotReusable(why);
   }
   KJ_IF_SOME(why, whyRequestIncomplete()) {
     return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(why));

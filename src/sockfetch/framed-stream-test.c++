@@ -1,0 +1,62 @@
+#include "framed-stream.h"
+
+#include <sockfetch/kj-compat.h>
+#include <sockfetch/test-util.h>
+
+#include <kj/debug.h>
+#include <kj/test.h>
+
+namespace sockfetch {
+namespace {
+
+class IgnoreLoss final: public FramedStream::IdleListener {
+public:
+  void idleConnectionLost(bool, kj::String) override {}
+};
+
+void readPastEnd(bool tcp) {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits());
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  IgnoreLoss listener;
+  stream.watchIdle(listener);
+  KJ_EXPECT(stream.checkIdleNow() == nullptr);
+  stream.beginExchange(kj::HttpMethod::GET);
+
+  auto request = writeAll(stream, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"_kj.asBytes());
+  peer.readRequest();
+  request.wait(io.waitScope);
+  constexpr kj::StringPtr RESPONSE = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"_kj;
+  auto sent = peer.sendLater(RESPONSE);
+  char buffer[64];
+  size_t got = 0;
+  while (got < RESPONSE.size()) {
+    got += stream.tryRead(buffer + got, 1, sizeof(buffer) - got).wait(io.waitScope);
+  }
+  sent.wait(io.waitScope);
+  KJ_EXPECT(kj::heapString(buffer, got) == RESPONSE);
+  KJ_EXPECT(stream.getFramer().isComplete());
+
+  // kj-http reads on after a response to notice the connection closing: that read just waits.
+  {
+    auto afterResponse = stream.tryRead(buffer, 1, sizeof(buffer));
+    KJ_EXPECT(!afterResponse.poll(io.waitScope));
+  }
+  // A body read that needs bytes past the response's end means kj-http and the framer disagree
+  // where the response ends: it fails rather than waiting forever.
+  stream.setReadingBody(true);
+  KJ_EXPECT_THROW_MESSAGE("reached past the end of the response",
+      stream.tryRead(buffer, 1, sizeof(buffer)).wait(io.waitScope));
+}
+
+KJ_TEST("FramedStream fails a body read past the framed end of a response (pipe)") {
+  readPastEnd(false);
+}
+
+KJ_TEST("FramedStream fails a body read past the framed end of a response (tcp)") {
+  readPastEnd(true);
+}
+
+}  // namespace
+}  // namespace sockfetch
