@@ -321,7 +321,8 @@ kj::Promise<void> FramedStream::fill() {
         KJ_UNREACHABLE;
       }
       KJ_CASE_ONEOF(gotByte, ProbeGotByte) {
-        framer.space()[0] = probeByte;
+        auto space = framer.space();  // an empty framer has room for a byte: cannot throw
+        space[0] = probeByte;
         framer.received(1);
       }
       KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
@@ -334,7 +335,10 @@ kj::Promise<void> FramedStream::fill() {
     }
     return kj::READY_NOW;
   }
-  auto space = framer.space();
+  kj::ArrayPtr<kj::byte> space;
+  KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { space = framer.space(); })) {
+    return kj::mv(e);  // the head outgrew its limit: a failed read, never a synchronous throw
+  }
   return raw->tryRead(space.begin(), 1, space.size()).then([this](size_t n) {
     if (n == 0) {
       rawEof = true;

@@ -386,6 +386,89 @@ KJ_TEST("ConnectionPool gives up on a connection that takes longer than connectT
   KJ_EXPECT(pool.getOpenCount() == 0);
 }
 
+KJ_TEST("ConnectionPool serves the next waiter when one gives up while its connection opens") {
+  // One connection at most, opened slowly. A's response closes its connection, so a new one is
+  // opened for B; B gives up meanwhile. C, waiting behind B, must get that connection.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  kj::HttpHeaderTable table;
+  ScriptedServer server(io, "127.0.0.1", [](unsigned, unsigned, kj::StringPtr text) {
+    return ok("done", "Connection: close\r\n");
+  });
+  auto address = server.address();
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  ConnectionPool pool(timer, table, [&]() {
+    return timer.afterDelay(30 * kj::MILLISECONDS).then([&]() { return address->connect(); });
+  }, kj::mv(settings));
+  kj::HttpHeaders headers(table);
+  headers.set(kj::HttpHeaderId::HOST, "upstream.test");
+  auto a = pool.request(kj::HttpMethod::GET, "/a", headers);
+  auto b = pool.request(kj::HttpMethod::GET, "/b", headers);
+  auto c = pool.request(kj::HttpMethod::GET, "/c", headers);
+  a.body = nullptr;
+  b.body = nullptr;
+  c.body = nullptr;
+  auto bResponse = b.response.eagerlyEvaluate(nullptr);
+  auto cBody = c.response.then([](kj::HttpClient::Response&& response) {
+    return response.body->readAllText().attach(kj::mv(response.body));
+  }).eagerlyEvaluate(nullptr);
+  auto aResponse = a.response.wait(io.waitScope);
+  KJ_EXPECT(aResponse.body->readAllText().wait(io.waitScope) == "done");  // B's connect starts
+  bResponse = nullptr;                                                      // B gives up
+  auto cDone = cBody.exclusiveJoin(timer.afterDelay(2 * kj::SECONDS).then([]() -> kj::String {
+    KJ_FAIL_ASSERT("the request waiting behind a cancelled one was never served");
+  }));
+  KJ_EXPECT(cDone.wait(io.waitScope) == "done");
+  KJ_EXPECT(pool.getStats().connectionsOpened == 2);
+}
+
+KJ_TEST("ConnectionPool survives a connector that throws instead of failing its promise") {
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  unsigned calls = 0;
+  Env env([](unsigned, unsigned, kj::StringPtr) {
+    auto reply = ok("done", "Connection: close\r\n");
+    reply.delay = 10 * kj::MILLISECONDS;
+    return reply;
+  });
+  ConnectionPool pool(env.timer, env.table, [&]() -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+    if (calls++ > 0) KJ_FAIL_REQUIRE("no more connections today");
+    return env.address->connect();
+  }, kj::mv(settings));
+  auto first = pool.request(kj::HttpMethod::GET, "/1", env.headers());
+  auto second = pool.request(kj::HttpMethod::GET, "/2", env.headers());  // waits
+  first.body = nullptr;
+  second.body = nullptr;
+  auto response = first.response.wait(env.ws);
+  // Its end frees the only slot: the waiter's connect throws, from inside the pool's callback.
+  KJ_EXPECT(response.body->readAllText().wait(env.ws) == "done");
+  KJ_EXPECT_THROW_MESSAGE("no more connections today", second.response.wait(env.ws));
+  KJ_EXPECT(pool.getStats().connectFailures == 1);
+  KJ_EXPECT(pool.getOpenCount() == 0);
+}
+
+KJ_TEST("ConnectionPool accepts empty writes to a buffered request body") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    return ok(text.endsWith("hello") ? "got hello" : "got nothing");
+  });
+  {
+    auto request = env.pool->request(kj::HttpMethod::PUT, "/", env.headers(), uint64_t(5));
+    request.body->write("", 0).wait(env.ws);
+    request.body->write("hello", 5).wait(env.ws);
+    request.body->write("", 0).wait(env.ws);  // after the body is complete
+    auto response = request.response.wait(env.ws);
+    KJ_EXPECT(response.body->readAllText().wait(env.ws) == "got hello");
+  }
+  {
+    auto request = env.pool->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(0));
+    request.body->write("", 0).wait(env.ws);
+    request.body = nullptr;
+    auto response = request.response.wait(env.ws);
+    KJ_EXPECT(response.body->readAllText().wait(env.ws) == "got nothing");
+  }
+}
+
 // =================================================================================================
 // CONNECT tunnels
 
@@ -477,6 +560,25 @@ KJ_TEST("ConnectionPool destroyed mid-flight fails waiters and lets the request 
   KJ_EXPECT_THROW_MESSAGE("ConnectionPool was destroyed", second.wait(env.ws));
   KJ_EXPECT(firstResponse.body->readAllText().wait(env.ws) == "/first");
   firstResponse.body = nullptr;
+  env.waitFor([&]() { return env.server->open == 0; });
+  KJ_EXPECT(env.server->open == 0);
+}
+
+KJ_TEST("ConnectionPool destroyed while a sent request awaits its response lets it finish") {
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    auto reply = echoPath(text);
+    reply.delay = 40 * kj::MILLISECONDS;
+    return reply;
+  });
+  auto request = env.pool->request(kj::HttpMethod::GET, "/in-flight", env.headers());
+  request.body = nullptr;
+  auto response = request.response.eagerlyEvaluate(nullptr);
+  env.waitFor([&]() { return env.server->busy > 0; });  // the server has the request
+  KJ_ASSERT(env.server->busy == 1);
+  env.pool = nullptr;
+  auto r = response.wait(env.ws);
+  KJ_EXPECT(r.body->readAllText().wait(env.ws) == "/in-flight");
+  r.body = nullptr;
   env.waitFor([&]() { return env.server->open == 0; });
   KJ_EXPECT(env.server->open == 0);
 }

@@ -41,6 +41,16 @@ bool isIdempotent(kj::HttpMethod method) {
 }  // namespace
 
 // =================================================================================================
+// Life: shared with everything that may outlive the pool (requests in flight), to tell whether
+// the pool still exists.
+
+class ConnectionPool::Life final: public kj::Refcounted {
+public:
+  explicit Life(ConnectionPool& pool): pool(pool) {}
+  kj::Maybe<ConnectionPool&> pool;
+};
+
+// =================================================================================================
 // Connection: one pooled StreamFetcher. Refcounted: the pool's idle list, a request being sent and
 // the response body each hold a reference, so the fetcher lives as long as its exchange needs.
 
@@ -54,7 +64,12 @@ public:
   }
 
   ~Connection() noexcept(false) {
-    detach();
+    KJ_IF_SOME(p, pool) {
+      // Dropped while still in the pool's hands (a request gave up just as it was handed this
+      // connection): its capacity is free for whoever waits.
+      detach();
+      p.serveWaiters();
+    }
   }
 
   void detach() {
@@ -128,8 +143,8 @@ public:
 
   Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
       const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
-      : pool(pool), method(method), serialized(headers.serializeRequest(method, url)),
-        expectedBodySize(expectedBodySize) {
+      : life(kj::addRef(*pool.life)), method(method),
+        serialized(headers.serializeRequest(method, url)), expectedBodySize(expectedBodySize) {
     // The caller's url and headers are valid only during request(): keep them as one string,
     // parsed again only if the request is sent later (it waited, or is retried).
     bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
@@ -164,14 +179,24 @@ public:
     KJ_IF_SOME(buffered, bodyBuffered) {
       ready = buffered.addBranch();
     }
-    return ready.then([this]() { return pool.acquire(false); })
-        .then([this](kj::Own<Connection>&& connection) { return sendLater(kj::mv(connection)); });
+    return ready.then([this]() {
+      auto& p = pool();
+      return p.canceler.wrap(p.acquire(false));
+    }).then([this](kj::Own<Connection>&& connection) { return sendLater(kj::mv(connection)); });
+  }
+
+  ConnectionPool& pool() {
+    KJ_IF_SOME(p, life->pool) {
+      return p;
+    }
+    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+        "the ConnectionPool was destroyed before this request could be sent"));
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
     if (parsedHeaders.get() == nullptr) {
       parsedText = kj::heapString(serialized);
-      parsedHeaders = kj::heap<kj::HttpHeaders>(pool.table);
+      parsedHeaders = kj::heap<kj::HttpHeaders>(pool().table);
       auto result = parsedHeaders->tryParseRequest(parsedText.asArray());
       KJ_IF_SOME(request, result.tryGet<kj::HttpHeaders::Request>()) {
         parsedUrl = request.url;
@@ -194,7 +219,7 @@ public:
           false, false);
     }
     bool reused = connection->uses > 0;
-    if (reused) ++pool.stats.reuses;
+    if (reused) ++pool().stats.reuses;
     ++connection->uses;
 
     kj::Maybe<Request> started;
@@ -250,11 +275,14 @@ public:
         bodyMode != BodyMode::STREAMING &&
         (!wroteAny || (staleCandidate && isIdempotent(method)));
     if (!retry) return kj::mv(e);
-    retried = true;
-    ++pool.stats.retries;
-    return pool.acquire(true).then([this](kj::Own<Connection>&& connection) {
-      return sendLater(kj::mv(connection));
-    });
+    KJ_IF_SOME(p, life->pool) {
+      retried = true;
+      ++p.stats.retries;
+      return p.canceler.wrap(p.acquire(true)).then([this](kj::Own<Connection>&& connection) {
+        return sendLater(kj::mv(connection));
+      });
+    }
+    return kj::mv(e);  // the pool is gone: nowhere to retry
   }
 
   // Body handling, used by PendingBody.
@@ -264,6 +292,7 @@ public:
         return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
             "expectedBodySize); pass expectedBodySize to send one");
       case BodyMode::BUFFERED:
+        if (bytes.size() == 0) return kj::READY_NOW;
         if (buffered.size() + bytes.size() > expected) {
           return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
               expected, " bytes; declare the right expectedBodySize"));
@@ -310,7 +339,7 @@ public:
     }
   }
 
-  ConnectionPool& pool;
+  kj::Own<Life> life;
   kj::HttpMethod method;
   kj::String serialized;                  // request line and headers, as sent
   kj::String parsedText;                  // a copy that parsedHeaders points into
@@ -361,7 +390,8 @@ private:
 
 ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,
     Connector connector, Settings settings)
-    : timer(timer), table(table), connector(kj::mv(connector)), settings(kj::mv(settings)),
+    : life(kj::refcounted<Life>(*this)), timer(timer), table(table),
+      connector(kj::mv(connector)), settings(kj::mv(settings)),
       errorHandler(kj::heap<LogErrors>()), tasks(*errorHandler) {
   KJ_REQUIRE(this->settings.maxConnections > 0, "ConnectionPool needs maxConnections >= 1");
 }
@@ -371,11 +401,12 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
     : ConnectionPool(timer, table, addressConnector(address), kj::mv(settings)) {}
 
 ConnectionPool::~ConnectionPool() noexcept(false) {
-  // Fails every request still waiting or being set up (they touch the pool), then lets the
-  // connections in flight finish on their own.
+  // Fails every request still waiting for a connection (those chains touch the pool), then lets
+  // the requests already sent finish on their own.
+  life->pool = nullptr;
+  while (!all.empty()) all.back()->detach();
   canceler.cancel(KJ_EXCEPTION(DISCONNECTED,
       "the ConnectionPool was destroyed while this request was waiting for a connection"));
-  while (!all.empty()) all.back()->detach();
   idle.clear();
 }
 
@@ -398,7 +429,6 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   } else {
     response = raw->run();
   }
-  response = canceler.wrap(kj::mv(response));
   if (raw->bodyMode == Attempt::BodyMode::STREAMING) {
     // A writer may be waiting for the connection: it must hear that there will be none.
     response = response.catch_([raw](kj::Exception&& e) -> Response {
@@ -426,9 +456,11 @@ kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
   ++stats.requests;
   auto ownUrl = kj::heapString(url);
   auto ownHeaders = kj::heap(headers.clone());
-  auto promise = acquire(false).then([this, url = kj::mv(ownUrl), headers = kj::mv(ownHeaders)](
-      kj::Own<Connection>&& connection) mutable {
-    if (connection->uses > 0) ++stats.reuses;
+  return canceler.wrap(acquire(false)).then([life = kj::addRef(*life), url = kj::mv(ownUrl),
+      headers = kj::mv(ownHeaders)](kj::Own<Connection>&& connection) mutable {
+    KJ_IF_SOME(pool, life->pool) {
+      if (connection->uses > 0) ++pool.stats.reuses;
+    }
     ++connection->uses;
     auto forResult = kj::addRef(*connection);
     return connection->fetcher->openWebSocket(url, *headers)
@@ -444,7 +476,6 @@ kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
       return kj::mv(response);
     }).attach(kj::mv(url), kj::mv(headers), kj::mv(connection));
   });
-  return canceler.wrap(kj::mv(promise));
 }
 
 kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fresh) {
@@ -508,7 +539,8 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
     kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, kj::str("connecting to the upstream "
         "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms")));
   });
-  return connector().exclusiveJoin(kj::mv(timeout))
+  // A connector that throws instead of returning a failed promise fails this attempt all the same.
+  return kj::evalNow([this]() { return connector(); }).exclusiveJoin(kj::mv(timeout))
       .then([this, s](kj::Own<kj::AsyncIoStream>&& stream) {
     s->release();
     ++stats.connectionsOpened;
@@ -615,8 +647,13 @@ void ConnectionPool::serveWaiters() {
 
 void ConnectionPool::connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller) {
   auto* f = fulfiller.get();
-  tasks.add(connect().then([f](kj::Own<Connection>&& connection) {
-    f->fulfill(kj::mv(connection));
+  tasks.add(connect().then([this, f](kj::Own<Connection>&& connection) {
+    if (f->isWaiting()) {
+      f->fulfill(kj::mv(connection));
+    } else {
+      // The request gave up while this connection was opened: it serves the next one, or idles.
+      connectionIdle(*connection);
+    }
   }, [f](kj::Exception&& e) {
     f->reject(kj::mv(e));
   }).attach(kj::mv(fulfiller)));

@@ -30,8 +30,9 @@ class ConnectionPool final: public kj::HttpClient {
   //
   // Lifetimes: the timer, the header table and (for the address constructor) the address must
   // outlive the pool. Requests, responses and bodies may outlive it: destroying the pool fails
-  // waiting requests (DISCONNECTED, "the ConnectionPool was destroyed") and lets requests in
-  // flight finish, after which their connections close.
+  // requests still waiting for a connection (DISCONNECTED, "the ConnectionPool was destroyed")
+  // and lets requests already sent finish, after which their connections close (one that fails
+  // is then not retried).
   //
   // Single-threaded, like everything in KJ.
 
@@ -117,12 +118,14 @@ public:
   unsigned getWaitingCount() const { return waiters.size(); }
 
 private:
+  class Life;
   class Connection;
   class Waiter;
   class Attempt;
   class PendingBody;
   class ConnectSlot;
 
+  kj::Own<Life> life;                       // tells attempts in flight whether the pool exists
   kj::Timer& timer;
   const kj::HttpHeaderTable& table;
   Connector connector;
@@ -133,7 +136,7 @@ private:
   kj::Vector<Connection*> all;              // every live connection, to detach on destruction
   kj::Vector<kj::Own<Connection>> idle;     // most recently used last
   kj::Vector<Waiter*> waiters;              // oldest first
-  kj::Canceler canceler;                    // every promise chain that touches the pool
+  kj::Canceler canceler;                    // waits for a connection (they touch the pool)
   kj::Own<kj::TaskSet::ErrorHandler> errorHandler;
   kj::TaskSet tasks;                        // deferred closes, connects for waiters
 
@@ -142,7 +145,6 @@ private:
   kj::Promise<kj::Own<Connection>> connect();
   void connectionIdle(Connection& connection);
   void connectionClosed(Connection& connection);
-  void connectionGone(Connection& connection);
   void closeIdle(size_t index, uint64_t Stats::*counter);
   void retire(Connection& connection, uint64_t Stats::*counter);
   void dispose(kj::Own<Connection> connection);

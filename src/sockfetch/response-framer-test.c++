@@ -228,5 +228,16 @@ KJ_TEST("ResponseFramer reads header lines exactly as kj-http does") {
   }
 }
 
+KJ_TEST("ResponseFramer limits each trailer line, whatever the trailer section's limit") {
+  ResponseFramer::Limits limits;
+  limits.maxTrailerBytes = 1 << 20;
+  ResponseFramer framer(limits);
+  framer.start(kj::HttpMethod::GET);
+  auto line = kj::heapString(limits.maxChunkLineBytes + 1);
+  for (auto& c: line) c = 'x';
+  auto head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: "_kj;
+  KJ_EXPECT_THROW_MESSAGE("trailer line too long", feed(framer, {head, line.asPtr()}));
+}
+
 }  // namespace
 }  // namespace sockfetch

@@ -599,10 +599,16 @@ bool ResponseFramer::parseTrailerLine() {
     if (trailerBytes > limits.maxTrailerBytes) {
       kj::throwFatalException(malformed("trailer section too large"));
     }
+    if (end - lineStart > limits.maxChunkLineBytes) {
+      kj::throwFatalException(malformed("trailer line too long"));
+    }
     return false;
   }
   size_t lineEnd = nl - chars;
   trailerBytes += lineEnd + 1 - parsed;
+  if (lineEnd - lineStart > limits.maxChunkLineBytes) {
+    kj::throwFatalException(malformed("trailer line too long"));
+  }
   auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
   parsed = lineEnd + 1;
   lineStart = parsed;
