@@ -186,7 +186,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   writesInFlight = 0;
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
-  readingBody = false;
+  bodyBuffer = nullptr;
   // The idle read is never cancelled: it may already have consumed a byte whose continuation has
   // not run yet (a stream commonly completes a read in one event and runs its continuation in a
   // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
@@ -281,7 +281,7 @@ kj::Promise<size_t> FramedStream::readLoop(
     // (to notice the connection closing); that read must not see the next bytes, so it waits
     // until the per-fetch client is destroyed.
     if (done > 0) return done;
-    if (readingBody) {
+    if (bodyBuffer.begin() <= buffer && buffer < bodyBuffer.end()) {
       return KJ_EXCEPTION(FAILED, "the response's body reached past the end of the response as "
           "framed from its head (a malformed or ambiguous response); the connection was dropped, "
           "check the upstream server");
@@ -324,6 +324,8 @@ kj::Promise<void> FramedStream::fill() {
         auto space = framer.space();  // an empty framer has room for a byte: cannot throw
         space[0] = probeByte;
         framer.received(1);
+        // The first byte of a response never completes it: read on at once.
+        return fillFromRaw();
       }
       KJ_CASE_ONEOF(gotEof, ProbeGotEof) {
         rawEof = true;
@@ -335,6 +337,10 @@ kj::Promise<void> FramedStream::fill() {
     }
     return kj::READY_NOW;
   }
+  return fillFromRaw();
+}
+
+kj::Promise<void> FramedStream::fillFromRaw() {
   kj::ArrayPtr<kj::byte> space;
   KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { space = framer.space(); })) {
     return kj::mv(e);  // the head outgrew its limit: a failed read, never a synchronous throw

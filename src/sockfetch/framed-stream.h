@@ -76,10 +76,11 @@ public:
   // complete and its writes fail, so a kj::HttpClient kept alive past its exchange (to keep its
   // response headers valid) can never touch a later exchange's bytes. May outlive this stream.
 
-  void setReadingBody(bool reading) { readingBody = reading; }
-  // Whether the consumer is reading the response body through kj-http right now. kj-http reads on
-  // after a response (its reads then wait forever), but a body read that needs bytes past the
-  // end of the response means kj-http and the framer disagree where it ends: that read fails.
+  void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) { bodyBuffer = buffer; }
+  // The buffer of the consumer's response body read in progress (null when none). kj-http reads
+  // on after a response, into its own buffer (those reads wait forever), but a read into the
+  // consumer's buffer that needs bytes past the end of the response means kj-http and the framer
+  // disagree where the body ends: that read fails instead of waiting forever.
 
   ResponseFramer& getFramer() { return framer; }
   uint64_t getWritesInFlight() const { return writesInFlight; }
@@ -125,7 +126,7 @@ private:
   uint64_t writesInFlight = 0;
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
-  bool readingBody = false;
+  kj::ArrayPtr<kj::byte> bodyBuffer;
 
   void detachView();
   void startProbe();
@@ -139,6 +140,7 @@ private:
   kj::Promise<size_t> readLoop(kj::byte* buffer, size_t minBytes, size_t maxBytes, size_t done);
   kj::Promise<size_t> passThroughRead(kj::byte* buffer, size_t minBytes, size_t maxBytes);
   kj::Promise<void> fill();
+  kj::Promise<void> fillFromRaw();
   kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
 };
 

@@ -219,12 +219,18 @@ KJ_TEST("ResponseFramer reads header lines exactly as kj-http does") {
     KJ_EXPECT(fed.complete);
     KJ_EXPECT(fed.residue == 4);
   }
-  // A header line without a valid name is malformed, as it is for kj.
+  // A header line without a colon or a name is malformed, as it is for kj.
   {
     ResponseFramer framer;
     framer.start(kj::HttpMethod::GET);
-    KJ_EXPECT_THROW_MESSAGE("invalid header line",
-        feed(framer, {"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n"_kj}));
+    KJ_EXPECT_THROW_MESSAGE("without a colon",
+        feed(framer, {"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n"_kj}));
+  }
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    KJ_EXPECT_THROW_MESSAGE("without a name",
+        feed(framer, {"HTTP/1.1 200 OK\r\nA: 1\r\n: 1\r\n\r\n"_kj}));
   }
 }
 

@@ -62,10 +62,23 @@ kj::Maybe<uint64_t> parseDecimal(kj::ArrayPtr<const char> s) {
   return v;
 }
 
-bool isTokenChar(char c) {
-  // RFC 9110 tchar: what a header name is made of.
-  if (('a' <= c && c <= 'z') || ('A' <= c && c <= 'Z') || ('0' <= c && c <= '9')) return true;
-  return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+struct LineBreak {
+  const char* contentEnd;  // where the line's content ends
+  const char* next;        // where the next line starts
+};
+
+LineBreak findLineBreak(const char* p, const char* end) {
+  // The end of the line starting at `p`, as kj-http sees it: LF, CR LF, or a CR alone.
+  auto nl = reinterpret_cast<const char*>(memchr(p, '\n', end - p));
+  const char* limit = nl == nullptr ? end : nl;
+  auto cr = reinterpret_cast<const char*>(memchr(p, '\r', limit - p));
+  if (cr != nullptr) {
+    const char* next = cr + 1;
+    if (next < end && *next == '\n') next++;
+    return {cr, next};
+  }
+  if (nl == nullptr) return {end, end};
+  return {nl, nl + 1};
 }
 
 template <typename Func>
@@ -74,36 +87,29 @@ void forEachLine(kj::ArrayPtr<const char> block, Func&& func) {
   // framer must see the same header fields as the kj client it sits under): a line ends at LF,
   // CR LF or a lone CR, and a line that starts with SP or HTAB continues the one before it, that
   // line break read as spaces (obsolete line folding). `line` excludes its line break.
-  kj::Vector<char> folded;
-  size_t i = 0;
-  while (i < block.size()) {
-    size_t start = i;
-    bool isFolded = false;
-    folded.clear();
-    for (;;) {
-      size_t contentEnd = i;
-      while (contentEnd < block.size() && block[contentEnd] != '\r' && block[contentEnd] != '\n') {
-        contentEnd++;
-      }
-      size_t next = contentEnd;
-      if (next < block.size() && block[next] == '\r') next++;
-      if (next < block.size() && block[next] == '\n') next++;
-      bool continues = next < block.size() && (block[next] == ' ' || block[next] == '\t');
-      if (!continues && !isFolded) {
-        func(block.slice(start, contentEnd));
-        i = next;
-        break;
-      }
-      isFolded = true;
-      folded.addAll(block.slice(i, contentEnd));
-      if (!continues) {
-        func(folded.asPtr());
-        i = next;
-        break;
-      }
-      for (size_t j = contentEnd; j < next; j++) folded.add(' ');
-      i = next;
+  const char* p = block.begin();
+  const char* end = block.end();
+  while (p < end) {
+    auto lineBreak = findLineBreak(p, end);
+    const char* next = lineBreak.next;
+    if (next == end || (*next != ' ' && *next != '\t')) {
+      func(kj::arrayPtr(p, lineBreak.contentEnd));
+      p = next;
+      continue;
     }
+    // Folded (rare): join the pieces, each line break becoming as many spaces.
+    kj::Vector<char> folded;
+    for (;;) {
+      folded.addAll(p, lineBreak.contentEnd);
+      for (const char* c = lineBreak.contentEnd; c < next; c++) folded.add(' ');
+      p = next;
+      lineBreak = findLineBreak(p, end);
+      next = lineBreak.next;
+      if (next == end || (*next != ' ' && *next != '\t')) break;
+    }
+    folded.addAll(p, lineBreak.contentEnd);
+    func(folded.asPtr());
+    p = next;
   }
 }
 
@@ -476,13 +482,14 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     }
     if (trim(line).size() == 0) return;  // the blank line that ends the block
     // field-name, optional whitespace (kj-http removes it, as RFC 9112 asks of a proxy), colon.
-    size_t nameEnd = 0;
-    while (nameEnd < line.size() && isTokenChar(line[nameEnd])) nameEnd++;
-    size_t colon = nameEnd;
-    while (colon < line.size() && (line[colon] == ' ' || line[colon] == '\t')) colon++;
-    if (nameEnd == 0 || colon == line.size() || line[colon] != ':') {
-      kj::throwFatalException(malformed("invalid header line"));
-    }
+    // Where kj-http accepts the line, its name is exactly what precedes the first colon, less
+    // that whitespace; where it does not, the response fails anyway.
+    auto colonPtr = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
+    if (colonPtr == nullptr) kj::throwFatalException(malformed("header line without a colon"));
+    size_t colon = colonPtr - line.begin();
+    size_t nameEnd = colon;
+    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
+    if (nameEnd == 0) kj::throwFatalException(malformed("header line without a name"));
     auto name = line.slice(0, nameEnd);
     char c0 = lower(name[0]);
     bool interesting = (c0 == 'c' && (name.size() == 14 || name.size() == 10)) ||

@@ -203,10 +203,10 @@ public:
       return cloneException(failure);
     }
     KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
-    setReadingBody(true);
+    setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
     return inner->tryRead(buffer, minBytes, maxBytes)
         .then([this, minBytes](size_t n) -> kj::Promise<size_t> {
-      setReadingBody(false);
+      setBodyBuffer(nullptr);
       // A short read is the end; so is a fixed-length body with nothing left (a reader that
       // asked for exactly the remaining length will not ask again).
       bool end = n < minBytes;
@@ -218,14 +218,13 @@ public:
       if (!end) return n;
       return reachedEnd().then([n]() { return n; });
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
-      setReadingBody(false);
+      setBodyBuffer(nullptr);
       exchange->fail(CloseKind::FAILED,
           kj::str("reading the previous response body failed: ", e.getDescription()));
       return kj::mv(e);
-    }).attach(kj::defer([exchange = kj::addRef(*exchange)]() mutable {
-      // Cancelled (possibly after this body was dropped).
-      if (exchange->stream.get() != nullptr) exchange->stream->setReadingBody(false);
-    }));
+    });
+    // A cancelled read leaves the body buffer set: harmless, as kj-http's own reads never go into
+    // the consumer's buffer, and the next read or exchange replaces it.
   }
 
   kj::Maybe<uint64_t> tryGetLength() override {
@@ -242,9 +241,9 @@ private:
   kj::Maybe<kj::Exception> readFailure;
   bool atEnd = false;
 
-  void setReadingBody(bool reading) {
+  void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) {
     // The connection moves on (and the exchange lets go of it) once the body is over.
-    if (exchange->stream.get() != nullptr) exchange->stream->setReadingBody(reading);
+    if (exchange->stream.get() != nullptr) exchange->stream->setBodyBuffer(buffer);
   }
 
   kj::Promise<void> reachedEnd() {
