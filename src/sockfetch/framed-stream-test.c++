@@ -14,6 +14,18 @@ public:
   void idleConnectionLost(bool, kj::String) override {}
 };
 
+class RecordLoss final: public FramedStream::IdleListener {
+public:
+  void idleConnectionLost(bool gotBytes, kj::String reason) override {
+    lost = true;
+    this->gotBytes = gotBytes;
+    this->reason = kj::mv(reason);
+  }
+  bool lost = false;
+  bool gotBytes = false;
+  kj::String reason;
+};
+
 void readPastEnd(bool tcp) {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
@@ -61,6 +73,35 @@ KJ_TEST("FramedStream fails a body read past the framed end of a response (pipe)
 
 KJ_TEST("FramedStream fails a body read past the framed end of a response (tcp)") {
   readPastEnd(true);
+}
+
+void watchesIdle(bool tcp) {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits());
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  RecordLoss listener;
+  stream.watchIdle(listener);
+  auto sent = peer.sendLater("X");
+  if (tcp) {
+    // Asked right away (no turn of the event loop in between), a socket is asked directly. (Other
+    // streams need a turn: an exchange's gate gives them one.)
+    KJ_EXPECT(KJ_ASSERT_NONNULL(stream.checkIdleNow()).gotBytes);
+  }
+  // And left alone, it notices by itself (on a socket, once the event loop goes idle).
+  timer.afterDelay(20 * kj::MILLISECONDS).wait(io.waitScope);
+  KJ_EXPECT(listener.lost);
+  KJ_EXPECT(listener.gotBytes, listener.reason);
+  sent.wait(io.waitScope);
+}
+
+KJ_TEST("FramedStream watches an idle connection, asked or not (pipe)") {
+  watchesIdle(false);
+}
+
+KJ_TEST("FramedStream watches an idle connection, asked or not (tcp)") {
+  watchesIdle(true);
 }
 
 }  // namespace

@@ -95,7 +95,14 @@ void FramedStream::watchIdle(IdleListener& listener) {
   idleListener = listener;
   framer.freeBuffer();
   if (probeOutcome != nullptr) return;  // already watching (or lost: the listener was told)
-  startProbe();
+  if (raw->getFd() != nullptr) {
+    // On a socket the idle read starts only once the event loop has nothing else to do: a next
+    // request that comes sooner (the common case) finds no read to deal with, and checkIdleNow()
+    // asks the kernel directly, which consumes nothing.
+    probeLater = kj::evalLast([this]() { startProbe(); }).eagerlyEvaluate(nullptr);
+  } else {
+    startProbe();
+  }
 }
 
 void FramedStream::startProbe() {
@@ -187,6 +194,13 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   writesCompleted = 0;
   chunkedTerminatorWritten = false;
   bodyBuffer = nullptr;
+  if (probeOutcome == nullptr) {
+    // The idle read never started (a socket, see watchIdle()): nothing was consumed, and
+    // checkIdleNow() has just asked the kernel. Nothing to wait for.
+    probeLater = nullptr;
+    gatePassed = true;
+    return;
+  }
   // The idle read is never cancelled: it may already have consumed a byte whose continuation has
   // not run yet (a stream commonly completes a read in one event and runs its continuation in a
   // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
@@ -244,6 +258,7 @@ kj::Promise<void> FramedStream::finishResponse() {
 }
 
 void FramedStream::passThrough() {
+  probeLater = nullptr;  // an idle read that never started has nothing to hand over
   if (mode == Mode::IDLE) detachView();  // released: no exchange may touch it any more
   mode = Mode::PASS_THROUGH;
   idleListener = nullptr;

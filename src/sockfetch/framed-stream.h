@@ -14,7 +14,9 @@ class FramedStream final: public kj::AsyncIoStream {
   //
   // It has three modes:
   //  - idle: one single-byte read is outstanding on the raw stream. If it completes (a byte, EOF
-  //    or an error) the connection is lost, and the IdleListener hears why.
+  //    or an error) the connection is lost, and the IdleListener hears why. On a socket that read
+  //    starts only when the event loop next has nothing else to do (kj::evalLast()); until then
+  //    checkIdleNow() asks the kernel, which is all a request that follows at once needs.
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
   //    response is over they never complete. The idle read is never cancelled (it may hold a
@@ -118,6 +120,7 @@ private:
   kj::Maybe<IdleListener&> idleListener;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> probeWaiter;
   kj::Maybe<kj::Promise<void>> probe;  // declared after what its continuation touches
+  kj::Maybe<kj::Promise<void>> probeLater;  // starts `probe` once the event loop is idle
 
   // Exchange.
   bool gatePassed = true;

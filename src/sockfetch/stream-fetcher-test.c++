@@ -273,6 +273,19 @@ BOTH_TRANSPORTS(manySequential, "StreamFetcher serves 300 sequential requests on
 // =================================================================================================
 // One request at a time
 
+BOTH_TRANSPORTS(reuseAfterIdleWatch,
+    "StreamFetcher reuses a connection whose idle read had started (the event loop went idle)") {
+  auto& timer = env.io.provider->getTimer();
+  for (int i = 0; i < 10; i++) {
+    // Idle long enough for the idle read to be outstanding: the next exchange takes it over.
+    timer.afterDelay(2 * kj::MILLISECONDS).wait(env.ws);
+    KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+    auto r = env.exchange(kj::HttpMethod::GET, kj::str("/", i), OK_HELLO);
+    KJ_EXPECT(r.body == "hello");
+  }
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
+}
+
 BOTH_TRANSPORTS(concurrentRefused, "StreamFetcher refuses a concurrent request, writing nothing") {
   auto first = env.get("/first");
   first.body = nullptr;
