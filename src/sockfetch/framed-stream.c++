@@ -29,7 +29,6 @@ public:
   }
 
   void detach() { stream = nullptr; }
-  void attach(FramedStream& s) { stream = s; }
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
     KJ_IF_SOME(s, stream) {
@@ -80,13 +79,6 @@ kj::Own<kj::AsyncIoStream> FramedStream::newExchangeView() {
   auto view = kj::heap<ExchangeView>(*this);
   currentView = *view;
   return kj::mv(view);
-}
-
-void FramedStream::attachView(kj::AsyncIoStream& view) {
-  detachView();
-  auto& exchangeView = kj::downcast<ExchangeView>(view);
-  exchangeView.attach(*this);
-  currentView = exchangeView;
 }
 
 void FramedStream::detachView() {

@@ -72,10 +72,6 @@ public:
   void passThrough();
   // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
 
-  void attachView(kj::AsyncIoStream& view);
-  // Makes a view this stream made for an earlier exchange (and detached since) the current one,
-  // for a kj::HttpClient kept from that exchange.
-
   kj::Own<kj::AsyncIoStream> newExchangeView();
   // The stream to build the exchange's kj::HttpClient over. It forwards to this stream until the
   // exchange is over (watchIdle(), passThrough() or destruction); after that its reads never

@@ -32,21 +32,14 @@ public:
 // before the stream it writes to, and the guards destroy kj's body streams (which point into the
 // client) before they drop their reference.
 
-class StreamFetcher::Home final: public kj::Refcounted {
-  // The fetcher, while it exists.
-public:
-  explicit Home(StreamFetcher& fetcher): fetcher(fetcher) {}
-  kj::Maybe<StreamFetcher&> fetcher;
-};
-
 class StreamFetcher::Exchange final: public kj::Refcounted {
 public:
   enum class RequestBodyKind { NONE, FIXED, CHUNKED };
 
-  Exchange(StreamFetcher& fetcher, kj::Own<FramedStream> stream, kj::Own<kj::AsyncIoStream> view,
-      kj::Own<kj::HttpClient> client)
-      : fetcher(fetcher), home(kj::addRef(*fetcher.home)), stream(kj::mv(stream)),
-        view(kj::mv(view)), client(kj::mv(client)) {}
+  Exchange(StreamFetcher& fetcher, kj::Own<FramedStream> streamParam,
+      const kj::HttpHeaderTable& table, kj::HttpClientSettings settings)
+      : fetcher(fetcher), stream(kj::mv(streamParam)), view(stream->newExchangeView()),
+        client(kj::newHttpClient(table, *view, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
     if (!done) {
@@ -99,7 +92,6 @@ public:
       kj::HttpClient::WebSocketResponse&& response);
 
   kj::Maybe<StreamFetcher&> fetcher;
-  kj::Own<Home> home;
   kj::Own<FramedStream> stream;
   kj::Own<kj::AsyncIoStream> view;  // the exchange's window on `stream` (see newExchangeView())
   kj::Own<kj::HttpClient> client;   // points into `view`: declared after it
@@ -189,13 +181,6 @@ public:
       exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
     }
     inner = nullptr;  // before the client it points into
-    if (keptClient.get() != nullptr) {
-      // The response is gone, and with it the last use of this client's buffer: the next
-      // exchange on the connection may take the client over.
-      KJ_IF_SOME(fetcher, exchange->home->fetcher) {
-        fetcher.takeBackClient(kj::mv(keptView), kj::mv(keptClient));
-      }
-    }
   }
 
   void adoptClient(kj::Own<kj::AsyncIoStream> view, kj::Own<kj::HttpClient> client) {
@@ -372,10 +357,11 @@ void StreamFetcher::Exchange::succeed() {
   done = true;
   KJ_IF_SOME(body, responseBody) {
     body.adoptClient(kj::mv(view), kj::mv(client));
+  } else {
+    client = nullptr;
   }
   KJ_IF_SOME(f, fetcher) {
     fetcher = nullptr;
-    if (client.get() != nullptr) f.takeBackClient(kj::mv(view), kj::mv(client));
     f.exchangeSucceeded(kj::mv(stream));
   }
 }
@@ -427,8 +413,7 @@ kj::HttpClient::WebSocketResponse StreamFetcher::Exchange::onWebSocketResponse(
 
 StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table,
     Settings settings)
-    : table(table), settings(kj::mv(settings)), home(kj::refcounted<Home>(*this)),
-      idleWatch(kj::heap<IdleWatch>(*this)),
+    : table(table), settings(kj::mv(settings)), idleWatch(kj::heap<IdleWatch>(*this)),
       disposal(*idleWatch) {
   auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits);
   framed->watchIdle(*idleWatch);
@@ -436,7 +421,6 @@ StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHe
 }
 
 StreamFetcher::~StreamFetcher() noexcept(false) {
-  home->fetcher = nullptr;
   KJ_IF_SOME(busy, state.tryGet<Busy>()) {
     // The exchange in flight finishes on its own; its connection is then closed.
     busy.exchange->detachFetcher();
@@ -473,28 +457,15 @@ kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod met
       }
       auto stream = kj::mv(idle.stream);
       stream->beginExchange(method);
-      kj::Own<kj::AsyncIoStream> view;
-      kj::Own<kj::HttpClient> client;
-      KJ_IF_SOME(spare, spareClient) {
-        // The last exchange's client: it read exactly that response (the framer saw to it) and
-        // its response is gone, so it is as good as new, and cheaper.
-        view = kj::mv(spare.view);
-        client = kj::mv(spare.client);
-        spareClient = nullptr;
-        stream->attachView(*view);
+      kj::HttpClientSettings clientSettings;
+      KJ_IF_SOME(entropy, settings.entropySource) {
+        clientSettings.entropySource = entropy;
       } else {
-        view = stream->newExchangeView();
-        kj::HttpClientSettings clientSettings;
-        KJ_IF_SOME(entropy, settings.entropySource) {
-          clientSettings.entropySource = entropy;
-        } else {
-          static SystemEntropySource systemEntropy;  // stateless: one for the process
-          clientSettings.entropySource = systemEntropy;
-        }
-        client = kj::newHttpClient(table, *view, kj::mv(clientSettings));
+        static SystemEntropySource systemEntropy;  // stateless: one for the process
+        clientSettings.entropySource = systemEntropy;
       }
-      auto exchange = kj::refcounted<Exchange>(*this, kj::mv(stream), kj::mv(view),
-          kj::mv(client));
+      auto exchange = kj::refcounted<Exchange>(*this, kj::mv(stream), table,
+          kj::mv(clientSettings));
       state.init<Busy>(Busy{exchange.get()});
       return exchange;
     }
@@ -607,16 +578,6 @@ void StreamFetcher::exchangeFailed(
   state.init<Closed>(Closed{kind, kj::mv(reason)});
   KJ_IF_SOME(o, observer) {
     o.fetcherClosed(*this);
-  }
-}
-
-void StreamFetcher::takeBackClient(kj::Own<kj::AsyncIoStream> view,
-    kj::Own<kj::HttpClient> client) {
-  // Only while the connection is still this fetcher's, and one is enough.
-  if ((state.is<Idle>() || state.is<Busy>()) && spareClient == nullptr) {
-    spareClient = SpareClient{kj::mv(view), kj::mv(client)};
-  } else {
-    client = nullptr;  // before the view it points into
   }
 }
 

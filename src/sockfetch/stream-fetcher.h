@@ -136,15 +136,6 @@ private:
   class RequestBody;
   class ResponseBody;
   class IdleWatch;
-  class Home;
-
-  struct SpareClient {
-    // A finished exchange's kj::HttpClient, kept for the next exchange on this connection once
-    // the response it returned is dropped (its headers live in the client's buffer). Declared so
-    // that the client goes before the view it points into.
-    kj::Own<kj::AsyncIoStream> view;
-    kj::Own<kj::HttpClient> client;
-  };
 
   struct Idle {
     kj::Own<FramedStream> stream;
@@ -164,8 +155,6 @@ private:
   bool lastResponseBytes = false;
   bool lastRequestBytes = false;
   kj::Maybe<Observer&> observer;
-  kj::Own<Home> home;  // lets responses that outlive an exchange give its client back
-  kj::Maybe<SpareClient> spareClient;
   kj::Own<IdleWatch> idleWatch;
   kj::TaskSet disposal;  // destroys dropped connections after the current event
   kj::OneOf<Idle, Busy, Closed, Released> state;
@@ -174,7 +163,6 @@ private:
   void exchangeSucceeded(kj::Own<FramedStream> stream);
   void exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny, bool wroteAny);
   void closeIdle(CloseKind kind, kj::String reason);
-  void takeBackClient(kj::Own<kj::AsyncIoStream> view, kj::Own<kj::HttpClient> client);
 };
 
 kj::StringPtr KJ_STRINGIFY(StreamFetcher::State state);
