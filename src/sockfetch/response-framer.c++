@@ -20,11 +20,11 @@ kj::Vector<kj::Array<kj::byte>>& bufferCache() {
   return cache;
 }
 
-char lower(char c) {
+inline char lower(char c) {
   return 'A' <= c && c <= 'Z' ? c - 'A' + 'a' : c;
 }
 
-bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr b) {
+inline bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); i++) {
     if (lower(a[i]) != lower(b[i])) return false;
@@ -32,7 +32,7 @@ bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr b) {
   return true;
 }
 
-kj::ArrayPtr<const char> trim(kj::ArrayPtr<const char> s) {
+inline kj::ArrayPtr<const char> trim(kj::ArrayPtr<const char> s) {
   size_t b = 0, e = s.size();
   while (b < e && (s[b] == ' ' || s[b] == '\t' || s[b] == '\r')) b++;
   while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t' || s[e - 1] == '\r')) e--;
@@ -480,7 +480,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
       status = head.status;
       return;
     }
-    if (trim(line).size() == 0) return;  // the blank line that ends the block
+    if (line.size() == 0) return;  // the blank line that ends the block
     // field-name, optional whitespace (kj-http removes it, as RFC 9112 asks of a proxy), colon.
     // Where kj-http accepts the line, its name is exactly what precedes the first colon, less
     // that whitespace; where it does not, the response fails anyway.
@@ -496,7 +496,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
         (c0 == 't' && name.size() == 17);
     if (!interesting) return;
     auto value = trim(line.slice(colon + 1, line.size()));
-    if (equalsIgnoreCase(name, "content-length")) {
+    if (equalsIgnoreCase(name, "content-length"_kj)) {
       // A list of identical values is tolerated (RFC 9110 8.6); anything else is an error.
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
         KJ_IF_SOME(n, parseDecimal(token)) {
@@ -509,15 +509,15 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
         }
       });
       if (contentLength == nullptr) kj::throwFatalException(malformed("invalid Content-Length"));
-    } else if (equalsIgnoreCase(name, "transfer-encoding")) {
+    } else if (equalsIgnoreCase(name, "transfer-encoding"_kj)) {
       hasTransferEncoding = true;
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
-        chunked = equalsIgnoreCase(token, "chunked");  // only the last coding matters
+        chunked = equalsIgnoreCase(token, "chunked"_kj);  // only the last coding matters
       });
-    } else if (equalsIgnoreCase(name, "connection")) {
+    } else if (equalsIgnoreCase(name, "connection"_kj)) {
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
-        if (equalsIgnoreCase(token, "close")) head.connectionClose = true;
-        if (equalsIgnoreCase(token, "keep-alive")) head.keepAlive = true;
+        if (equalsIgnoreCase(token, "close"_kj)) head.connectionClose = true;
+        if (equalsIgnoreCase(token, "keep-alive"_kj)) head.keepAlive = true;
       });
     }
   });
