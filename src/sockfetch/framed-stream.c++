@@ -4,6 +4,7 @@
 
 #include <kj/debug.h>
 #include <errno.h>
+#include <typeinfo>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -67,8 +68,21 @@ private:
   }
 };
 
+namespace {
+
+bool isPlainSocket(kj::AsyncIoStream& stream) {
+  // Whether `stream` is kj's own file-descriptor stream, whose bytes are exactly the socket's: no
+  // transformation, nothing buffered in user space, a read completed in the event after the one
+  // that read(2) its bytes. Wrappers (TLS, say) may expose the descriptor too, but asking the
+  // kernel would not tell what they hold.
+  if (stream.getFd() == nullptr) return false;
+  return strstr(typeid(stream).name(), "AsyncStreamFd") != nullptr;
+}
+
+}  // namespace
+
 FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits)
-    : raw(kj::mv(raw)), framer(limits) {}
+    : raw(kj::mv(raw)), framer(limits), plainSocket(isPlainSocket(*this->raw)) {}
 
 FramedStream::~FramedStream() noexcept(false) {
   detachView();
@@ -95,7 +109,7 @@ void FramedStream::watchIdle(IdleListener& listener) {
   idleListener = listener;
   framer.freeBuffer();
   if (probeOutcome != nullptr) return;  // already watching (or lost: the listener was told)
-  if (raw->getFd() != nullptr) {
+  if (plainSocket) {
     // On a socket the idle read starts only once the event loop has nothing else to do: a next
     // request that comes sooner (the common case) finds no read to deal with, and checkIdleNow()
     // asks the kernel directly, which consumes nothing.
@@ -167,6 +181,7 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
 }
 
 kj::Maybe<FramedStream::IdleLoss> FramedStream::peekSocket() {
+  if (!plainSocket) return nullptr;
   KJ_IF_SOME(fd, raw->getFd()) {
     // Ask the kernel directly, without consuming anything: bytes or EOF it holds may not have
     // been reported by the event loop yet.
@@ -206,12 +221,13 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
   // outcome becomes the start of the response (see fill()).
   //
-  // Before the first byte of the request is written, yield once to the event loop: an idle read
-  // that completed before this point has its continuation queued ahead of this one, so the gate
-  // sees it and fails the exchange with nothing written. On a socket the gate also asks the
-  // kernel again, for anything that arrived since checkIdleNow().
+  // Before the first byte of the request is written, let every event queued so far run
+  // (kj::evalLast()): an idle read that completed, however many events its stream takes to report
+  // it (TLS takes several), has then reported it, so the gate sees it and fails the exchange with
+  // nothing written. On a socket the gate also asks the kernel again, for anything that arrived
+  // since checkIdleNow().
   gatePassed = false;
-  gate = kj::evalLater([this]() {
+  gate = kj::evalLast([this]() {
     checkGate();
     gatePassed = true;
   }).fork();

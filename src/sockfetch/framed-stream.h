@@ -14,9 +14,10 @@ class FramedStream final: public kj::AsyncIoStream {
   //
   // It has three modes:
   //  - idle: one single-byte read is outstanding on the raw stream. If it completes (a byte, EOF
-  //    or an error) the connection is lost, and the IdleListener hears why. On a socket that read
-  //    starts only when the event loop next has nothing else to do (kj::evalLast()); until then
-  //    checkIdleNow() asks the kernel, which is all a request that follows at once needs.
+  //    or an error) the connection is lost, and the IdleListener hears why. On a plain socket
+  //    (kj's own descriptor stream, not a wrapper such as TLS) that read starts only when the
+  //    event loop next has nothing else to do (kj::evalLast()); until then checkIdleNow() asks
+  //    the kernel, which is all a request that follows at once needs.
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
   //    response is over they never complete. The idle read is never cancelled (it may hold a
@@ -52,15 +53,16 @@ public:
   };
 
   kj::Maybe<IdleLoss> checkIdleNow();
-  // Checks, synchronously, whether the idle connection is still usable. On a socket this asks the
-  // kernel (without consuming anything), so bytes or EOF that the event loop has not reported yet
-  // are seen too. Call right before beginExchange(); null means go ahead.
+  // Checks, synchronously, whether the idle connection is still usable. On a plain socket this
+  // asks the kernel (without consuming anything), so bytes or EOF that the event loop has not
+  // reported yet are seen too. Call right before beginExchange(); null means go ahead.
 
   void beginExchange(kj::HttpMethod method);
-  // Enters exchange mode for a request with this method. The exchange's first read or write
-  // first yields to the event loop once, so that an idle read that completed just before is
-  // seen, and on a socket asks the kernel again; if the connection was lost while idle, that read
-  // or write fails (DISCONNECTED) with nothing written, and getGateLoss() says why.
+  // Enters exchange mode for a request with this method. If the idle read had started, the
+  // exchange's first read or write first waits until the event loop has run everything queued
+  // (kj::evalLast()), so that an idle read that completed is seen, and on a plain socket asks the
+  // kernel again; if the connection was lost while idle, that read or write fails (DISCONNECTED)
+  // with nothing written, and getGateLoss() says why.
 
   kj::Maybe<const IdleLoss&> getGateLoss() const { return gateLoss; }
   // Why the current exchange was refused before writing anything, if it was.
@@ -110,6 +112,7 @@ private:
 
   kj::Own<kj::AsyncIoStream> raw;
   ResponseFramer framer;
+  bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
   kj::Maybe<ExchangeView&> currentView;
   Mode mode = Mode::PASS_THROUGH;
   bool rawEof = false;

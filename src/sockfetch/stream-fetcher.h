@@ -29,10 +29,10 @@ class StreamFetcher final: public kj::HttpClient {
   //
   // While idle, the connection is watched: any byte the server sends (nobody asked for it) or the
   // server closing it drops the connection, with that reason, before a next request is written.
-  // When the stream exposes a file descriptor (getFd()), request() also asks the kernel directly
-  // (MSG_PEEK) so that what the event loop has not reported yet is caught too; a stream that
-  // transforms the bytes of its descriptor (TLS, say) or holds some of them in user space must
-  // therefore not expose it.
+  // When the stream is kj's own socket stream, request() also asks the kernel directly (MSG_PEEK)
+  // so that what the event loop has not reported yet is caught too. Any other stream (TLS, a
+  // wrapper) is watched by a read that is always outstanding while idle, and a request on it
+  // waits, before writing, until the event loop has run everything already queued.
   // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
   // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
   //

@@ -144,6 +144,52 @@ Transport tcpTransport(kj::AsyncIoContext& io) {
 
 namespace {
 
+class TlsLikeStream final: public kj::AsyncIoStream {
+public:
+  explicit TlsLikeStream(kj::Own<kj::AsyncIoStream> inner): inner(kj::mv(inner)) {}
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    return readLoop(reinterpret_cast<kj::byte*>(buffer), minBytes, maxBytes, 0);
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return inner->write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner->write(pieces);
+  }
+  kj::Promise<void> whenWriteDisconnected() override { return inner->whenWriteDisconnected(); }
+  void shutdownWrite() override { inner->shutdownWrite(); }
+  void abortRead() override { inner->abortRead(); }
+  kj::Maybe<int> getFd() const override { return inner->getFd(); }
+
+private:
+  kj::Own<kj::AsyncIoStream> inner;
+  kj::Vector<kj::byte> buffered;
+  size_t offset = 0;
+  bool eof = false;
+  kj::byte chunk[4096];
+
+  kj::Promise<size_t> readLoop(kj::byte* out, size_t minBytes, size_t maxBytes, size_t done) {
+    size_t n = kj::min(maxBytes - done, buffered.size() - offset);
+    memcpy(out + done, buffered.begin() + offset, n);
+    offset += n;
+    done += n;
+    if (offset == buffered.size()) {
+      buffered.clear();
+      offset = 0;
+    }
+    if (done >= minBytes || eof) {
+      return kj::evalLater([done]() { return kj::evalLater([done]() { return done; }); });
+    }
+    return inner->tryRead(chunk, 1, sizeof(chunk))
+        .then([this, out, minBytes, maxBytes, done](size_t got) {
+      if (got == 0) eof = true;
+      buffered.addAll(chunk, chunk + got);
+      return readLoop(out, minBytes, maxBytes, done);
+    });
+  }
+};
+
 // A small SHA-1 (FIPS 180-4), only to answer WebSocket handshakes in tests.
 kj::Array<kj::byte> sha1(kj::ArrayPtr<const kj::byte> message) {
   uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
@@ -358,6 +404,10 @@ kj::Promise<void> ScriptedServer::serve(Connection& c) {
     c.buffer.addAll(chunk.begin(), chunk.begin() + n);
     return serve(c);
   });
+}
+
+kj::Own<kj::AsyncIoStream> tlsLike(kj::Own<kj::AsyncIoStream> inner) {
+  return kj::heap<TlsLikeStream>(kj::mv(inner));
 }
 
 }  // namespace test

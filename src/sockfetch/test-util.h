@@ -62,6 +62,11 @@ Transport pipeTransport();
 Transport tcpTransport(kj::AsyncIoContext& io);
 // A real loopback TCP connection (127.0.0.1, ephemeral port).
 
+kj::Own<kj::AsyncIoStream> tlsLike(kj::Own<kj::AsyncIoStream> inner);
+// Wraps a stream the way kj's TLS stream behaves where it matters to sockfetch: it exposes the
+// inner descriptor (whose bytes are not its bytes), reads ahead into a buffer of its own, and
+// reports each read two events after the inner read that got its bytes.
+
 kj::String webSocketAccept(kj::StringPtr key);
 // The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455), for scripted handshakes.
 
