@@ -171,7 +171,7 @@ private:
 
   kj::Promise<size_t> readLoop(kj::byte* out, size_t minBytes, size_t maxBytes, size_t done) {
     size_t n = kj::min(maxBytes - done, buffered.size() - offset);
-    memcpy(out + done, buffered.begin() + offset, n);
+    if (n > 0) memcpy(out + done, buffered.begin() + offset, n);
     offset += n;
     done += n;
     if (offset == buffered.size()) {
