@@ -4,7 +4,9 @@
 #include <sockfetch/test-util.h>
 
 #include <kj/debug.h>
+#include <kj/io.h>
 #include <kj/test.h>
+#include <unistd.h>
 
 namespace sockfetch {
 namespace {
@@ -29,7 +31,8 @@ public:
 void readPastEnd(bool tcp) {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
-  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits());
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits(),
+      io.provider->getTimer());
   test::Peer peer(io.waitScope, kj::mv(transport.server));
   IgnoreLoss listener;
   stream.watchIdle(listener);
@@ -79,7 +82,8 @@ void watchesIdle(bool tcp) {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   auto& timer = io.provider->getTimer();
   auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
-  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits());
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits(),
+      io.provider->getTimer());
   test::Peer peer(io.waitScope, kj::mv(transport.server));
   RecordLoss listener;
   stream.watchIdle(listener);
@@ -102,6 +106,27 @@ KJ_TEST("FramedStream watches an idle connection, asked or not (pipe)") {
 
 KJ_TEST("FramedStream watches an idle connection, asked or not (tcp)") {
   watchesIdle(true);
+}
+
+KJ_TEST("FramedStream over a descriptor that is not a socket waits for its idle read") {
+  // kj's descriptor stream over a pipe: the kernel cannot be asked with MSG_PEEK, so the idle
+  // read must be outstanding and the gate must wait for it, as for any other stream.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  int fds[2];
+  KJ_SYSCALL(pipe(fds));
+  kj::AutoCloseFd writeEnd(fds[1]);
+  auto readEnd = io.lowLevelProvider->wrapSocketFd(fds[0],
+      kj::LowLevelAsyncIoProvider::TAKE_OWNERSHIP);
+  FramedStream stream(kj::mv(readEnd), ResponseFramer::Limits(), io.provider->getTimer());
+  IgnoreLoss listener;
+  stream.watchIdle(listener);
+  KJ_SYSCALL(write(writeEnd, "X", 1));
+  KJ_EXPECT(stream.checkIdleNow() == nullptr);  // nothing reported yet, and no kernel to ask
+  stream.beginExchange(kj::HttpMethod::GET);
+  char buffer[16];
+  KJ_EXPECT_THROW_MESSAGE("poisoned",
+      stream.tryRead(buffer, 1, sizeof(buffer)).wait(io.waitScope));
+  KJ_EXPECT(stream.getGateLoss() != nullptr);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <typeinfo>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 namespace sockfetch {
@@ -70,19 +71,47 @@ private:
 
 namespace {
 
+constexpr unsigned SETTLE_TURNS = 16;
+// Turns of the event loop a gate lets pass on a stream other than a plain socket: more than any
+// stream kj has (TLS included) takes to report a read after the socket read that fed it.
+
 bool isPlainSocket(kj::AsyncIoStream& stream) {
-  // Whether `stream` is kj's own file-descriptor stream, whose bytes are exactly the socket's: no
-  // transformation, nothing buffered in user space, a read completed in the event after the one
-  // that read(2) its bytes. Wrappers (TLS, say) may expose the descriptor too, but asking the
-  // kernel would not tell what they hold.
-  if (stream.getFd() == nullptr) return false;
-  return strstr(typeid(stream).name(), "AsyncStreamFd") != nullptr;
+  // Whether `stream` is kj's own file-descriptor stream over a stream socket, whose bytes are
+  // exactly the socket's: no transformation, nothing buffered in user space, a read reported in
+  // the event after the one that read(2) its bytes. Wrappers (TLS, say) may expose the descriptor
+  // too, but asking the kernel would not tell what they hold.
+  KJ_IF_SOME(fd, stream.getFd()) {
+    int type = 0;
+    socklen_t length = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) != 0 || type != SOCK_STREAM) {
+      return false;
+    }
+    return strstr(typeid(stream).name(), "AsyncStreamFd") != nullptr;
+  }
+  return false;
+}
+
+bool hasUnreadInput(int fd) {
+  // Whether the kernel holds input (or an end of input) for `fd` that nobody has read yet.
+  struct pollfd p = {fd, POLLIN, 0};
+  int n;
+  do {
+    n = ::poll(&p, 1, 0);
+  } while (n < 0 && errno == EINTR);
+  return n > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
+}
+
+kj::Promise<void> turns(unsigned n) {
+  // Lets `n` turns of the event loop pass.
+  if (n == 0) return kj::READY_NOW;
+  return kj::evalLater([n]() { return turns(n - 1); });
 }
 
 }  // namespace
 
-FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits)
-    : raw(kj::mv(raw)), framer(limits), plainSocket(isPlainSocket(*this->raw)) {}
+FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits,
+    kj::Maybe<kj::Timer&> timer)
+    : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {}
 
 FramedStream::~FramedStream() noexcept(false) {
   detachView();
@@ -221,16 +250,33 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   // later one), and cancelling it would lose that byte. Instead the exchange adopts it: its
   // outcome becomes the start of the response (see fill()).
   //
-  // Before the first byte of the request is written, let every event queued so far run
-  // (kj::evalLast()): an idle read that completed, however many events its stream takes to report
-  // it (TLS takes several), has then reported it, so the gate sees it and fails the exchange with
-  // nothing written. On a socket the gate also asks the kernel again, for anything that arrived
-  // since checkIdleNow().
+  // Before the first byte of the request is written, the gate lets the idle read report
+  // whatever it got: an idle read that completed has its continuation queued, one turn of the
+  // event loop later on a plain socket (whose kernel is then asked too), up to SETTLE_TURNS later
+  // on other streams (TLS takes several). If the gate sees a loss, the exchange fails with
+  // nothing written.
   gatePassed = false;
-  gate = kj::evalLast([this]() {
+  gate = settleGate(true).fork();
+}
+
+kj::Promise<void> FramedStream::settleGate(bool mayWaitForInput) {
+  return turns(plainSocket ? 1 : SETTLE_TURNS).then([this, mayWaitForInput]() -> kj::Promise<void> {
     checkGate();
+    if (!plainSocket && mayWaitForInput) {
+      KJ_IF_SOME(fd, raw->getFd()) {
+        KJ_IF_SOME(t, timer) {
+          if (hasUnreadInput(fd)) {
+            // The kernel holds something the stream has not read yet (the event loop has not
+            // polled since it came): let it poll once, then settle and look again. What the
+            // stream makes of it (data, a close, or nothing, like a TLS session ticket) decides.
+            return t.afterDelay(0 * kj::NANOSECONDS).then([this]() { return settleGate(false); });
+          }
+        }
+      }
+    }
     gatePassed = true;
-  }).fork();
+    return kj::READY_NOW;
+  });
 }
 
 void FramedStream::checkGate() {

@@ -17,7 +17,8 @@ class FramedStream final: public kj::AsyncIoStream {
   //    or an error) the connection is lost, and the IdleListener hears why. On a plain socket
   //    (kj's own descriptor stream, not a wrapper such as TLS) that read starts only when the
   //    event loop next has nothing else to do (kj::evalLast()); until then checkIdleNow() asks
-  //    the kernel, which is all a request that follows at once needs.
+  //    the kernel, which is all a request that follows at once needs (in a loop that is never
+  //    idle the connection is thus checked only when next used).
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
   //    response is over they never complete. The idle read is never cancelled (it may hold a
@@ -39,7 +40,10 @@ public:
     // synchronously.
   };
 
-  FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits);
+  FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits,
+      kj::Maybe<kj::Timer&> timer);
+  // `timer`, if any, lets a request on a stream other than a plain socket wait for the event loop
+  // to read what the kernel already holds for it (see beginExchange()).
   ~FramedStream() noexcept(false);
   KJ_DISALLOW_COPY(FramedStream);
 
@@ -59,10 +63,11 @@ public:
 
   void beginExchange(kj::HttpMethod method);
   // Enters exchange mode for a request with this method. If the idle read had started, the
-  // exchange's first read or write first waits until the event loop has run everything queued
-  // (kj::evalLast()), so that an idle read that completed is seen, and on a plain socket asks the
-  // kernel again; if the connection was lost while idle, that read or write fails (DISCONNECTED)
-  // with nothing written, and getGateLoss() says why.
+  // exchange's first read or write first lets the event loop turn until an idle read that
+  // completed has reported it (one turn on a plain socket, which is then asked again; several
+  // on other streams, and, with a timer, one poll for input the kernel already holds). If the
+  // connection was lost while idle, that read or write fails (DISCONNECTED) with nothing
+  // written, and getGateLoss() says why.
 
   kj::Maybe<const IdleLoss&> getGateLoss() const { return gateLoss; }
   // Why the current exchange was refused before writing anything, if it was.
@@ -112,6 +117,7 @@ private:
 
   kj::Own<kj::AsyncIoStream> raw;
   ResponseFramer framer;
+  kj::Maybe<kj::Timer&> timer;
   bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
   kj::Maybe<ExchangeView&> currentView;
   Mode mode = Mode::PASS_THROUGH;
@@ -139,6 +145,7 @@ private:
   void probeDone();
   kj::Maybe<IdleLoss> peekSocket();
   kj::Promise<void> passGate();
+  kj::Promise<void> settleGate(bool mayWaitForInput);
   void checkGate();
   [[noreturn]] void failGate(IdleLoss loss);
   kj::Promise<void> awaitProbe();

@@ -394,6 +394,7 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
       connector(kj::mv(connector)), settings(kj::mv(settings)),
       errorHandler(kj::heap<LogErrors>()), tasks(*errorHandler) {
   KJ_REQUIRE(this->settings.maxConnections > 0, "ConnectionPool needs maxConnections >= 1");
+  if (this->settings.fetcher.timer == nullptr) this->settings.fetcher.timer = timer;
 }
 
 ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,

@@ -23,7 +23,9 @@ struct Env {
   explicit Env(bool tcp, bool tlsLike = false) {
     auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
     if (tlsLike) transport.client = test::tlsLike(kj::mv(transport.client));
-    fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table);
+    StreamFetcher::Settings settings;
+    settings.timer = io.provider->getTimer();
+    fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table, kj::mv(settings));
     peer = kj::heap<Peer>(ws, kj::mv(transport.server));
   }
 
@@ -753,6 +755,46 @@ TLS_LIKE_TRANSPORTS(tlsLikeIdleRace,
   }
   sent.wait(env.ws);
   KJ_EXPECT(env.peer->sawEof(), "a request was written after the server's 408");
+}
+
+TLS_LIKE_TRANSPORTS(tlsLikeUnpolledInput,
+    "StreamFetcher sees what the server sent to an idle TLS-like connection before the loop polled") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  // Idle long enough for the idle read to wait on the socket; then bytes arrive and a request is
+  // made before the event loop polls again.
+  env.io.provider->getTimer().afterDelay(5 * kj::MILLISECONDS).wait(env.ws);
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad");
+  KJ_EXPECT_THROW_MESSAGE("poisoned", env.getAndWait());
+  sent = nullptr;
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
+  KJ_EXPECT(env.peer->sawEof(), "a request was written after the unsolicited bytes");
+}
+
+TLS_LIKE_TRANSPORTS(tlsLikeBusyLoop,
+    "StreamFetcher writes a request promptly while the event loop is never idle") {
+  KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
+  env.io.provider->getTimer().afterDelay(5 * kj::MILLISECONDS).wait(env.ws);  // idle read started
+  // From now on the queue never empties (I/O is still polled, every 16 turns).
+  env.ws.setBusyPollInterval(16);
+  bool spinning = true;
+  kj::Function<kj::Promise<void>()> spin = [&]() -> kj::Promise<void> {
+    if (!spinning) return kj::READY_NOW;
+    return kj::evalLater([&]() { return spin(); });
+  };
+  auto background = spin();
+  auto request = env.get();
+  request.body = nullptr;
+  char head[14];
+  auto got = env.waitAtMost(env.peer->getStream().read(head, sizeof(head), sizeof(head)),
+      1 * kj::SECONDS);
+  KJ_EXPECT(kj::heapString(head, got) == "GET / HTTP/1.1");
+  auto sent = env.peer->sendLater(OK_HELLO);
+  auto response = env.waitAtMost(kj::mv(request.response));
+  KJ_EXPECT(env.waitAtMost(response.body->readAllText()) == "hello");
+  spinning = false;
+  background.wait(env.ws);
+  sent.wait(env.ws);
+  env.ws.setBusyPollInterval(kj::maxValue);
 }
 
 TLS_LIKE_TRANSPORTS(tlsLikeReadAhead,

@@ -415,7 +415,8 @@ StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHe
     Settings settings)
     : table(table), settings(kj::mv(settings)), idleWatch(kj::heap<IdleWatch>(*this)),
       disposal(*idleWatch) {
-  auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits);
+  auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits,
+      this->settings.timer);
   framed->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(framed)});
 }

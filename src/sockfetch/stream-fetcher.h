@@ -32,7 +32,8 @@ class StreamFetcher final: public kj::HttpClient {
   // When the stream is kj's own socket stream, request() also asks the kernel directly (MSG_PEEK)
   // so that what the event loop has not reported yet is caught too. Any other stream (TLS, a
   // wrapper) is watched by a read that is always outstanding while idle, and a request on it
-  // waits, before writing, until the event loop has run everything already queued.
+  // lets the event loop turn a few times before writing, so that whatever that read got is seen
+  // (see Settings::timer for input the loop has not polled yet).
   // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
   // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
   //
@@ -49,6 +50,11 @@ public:
     // Randomness for WebSocket keys in openWebSocket(); the operating system's if null.
     ResponseFramer::Limits limits;
     // Size limits applied to responses.
+    kj::Maybe<kj::Timer&> timer;
+    // The event loop's timer (a ConnectionPool passes its own). With it, a request on a stream
+    // other than a plain socket (TLS, say) whose kernel already holds unread input waits for the
+    // event loop to read it before writing, so that bytes the server sent while the connection
+    // was idle are seen even if the loop had not polled since they came.
   };
 
   StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHeaderTable& table,
