@@ -110,46 +110,32 @@ struct Env {
   }
 };
 
-#define BOTH_TRANSPORTS(name, description) \
+#define TRANSPORT_PAIR(name, description, tlsLike, pipeLabel, tcpLabel) \
   void name(Env& env); \
   class name##OnPipe: public ::kj::TestCase { \
   public: \
-    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (pipe)") {} \
+    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (" pipeLabel ")") {} \
     void run() override { \
-      Env env(false); \
+      Env env(false, tlsLike); \
       name(env); \
     } \
   } name##OnPipeInstance; \
   class name##OnTcp: public ::kj::TestCase { \
   public: \
-    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (tcp)") {} \
+    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (" tcpLabel ")") {} \
     void run() override { \
-      Env env(true); \
+      Env env(true, tlsLike); \
       name(env); \
     } \
   } name##OnTcpInstance; \
   void name(Env& env)
+
+#define BOTH_TRANSPORTS(name, description) \
+  TRANSPORT_PAIR(name, description, false, "pipe", "tcp")
 // Defines one behaviour as two KJ tests: over an in-process pipe and over loopback TCP.
 
 #define TLS_LIKE_TRANSPORTS(name, description) \
-  void name(Env& env); \
-  class name##OnPipe: public ::kj::TestCase { \
-  public: \
-    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (tls-like over pipe)") {} \
-    void run() override { \
-      Env env(false, true); \
-      name(env); \
-    } \
-  } name##OnPipeInstance; \
-  class name##OnTcp: public ::kj::TestCase { \
-  public: \
-    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (tls-like over tcp)") {} \
-    void run() override { \
-      Env env(true, true); \
-      name(env); \
-    } \
-  } name##OnTcpInstance; \
-  void name(Env& env)
+  TRANSPORT_PAIR(name, description, true, "tls-like over pipe", "tls-like over tcp")
 // The same over a test::tlsLike() wrapper: reads that finish events late, read-ahead, and a
 // descriptor that does not show what the wrapper holds.
 
