@@ -289,8 +289,7 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::byte> bytes) {
     switch (bodyMode) {
       case BodyMode::NONE:
-        return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
-            "expectedBodySize); pass expectedBodySize to send one");
+        KJ_FAIL_ASSERT("a request without a body is given a NoBody stream, not a PendingBody");
       case BodyMode::BUFFERED:
         if (bytes.size() == 0) return kj::READY_NOW;
         if (buffered.size() + bytes.size() > expected) {
@@ -358,6 +357,29 @@ public:
   bool retried = false;
 };
 
+namespace {
+
+class NoBody final: public kj::AsyncOutputStream {
+  // The body stream of a request without one (a GET or HEAD without expectedBodySize).
+public:
+  kj::Promise<void> write(const void*, size_t size) override {
+    if (size == 0) return kj::READY_NOW;
+    return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
+        "expectedBodySize); pass expectedBodySize to send one");
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    for (auto& piece: pieces) {
+      if (piece.size() > 0) return write(piece.begin(), piece.size());
+    }
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> whenWriteDisconnected() override {
+    return kj::NEVER_DONE;
+  }
+};
+
+}  // namespace
+
 class ConnectionPool::PendingBody final: public kj::AsyncOutputStream {
   // The request body handed to the caller before a connection is chosen.
 public:
@@ -415,8 +437,14 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
   ++stats.requests;
   auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
-  kj::Own<kj::AsyncOutputStream> body = kj::heap<PendingBody>(kj::addRef(*attempt));
   Attempt* raw = attempt.get();
+  kj::Own<kj::AsyncOutputStream> body;
+  if (raw->bodyMode == Attempt::BodyMode::NONE) {
+    static NoBody noBody;  // stateless: shared, never freed
+    body = kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
+  } else {
+    body = kj::heap<PendingBody>(kj::addRef(*attempt));
+  }
   kj::Maybe<kj::Promise<Response>> started;
   if (raw->bodyReady()) {
     KJ_IF_SOME(connection, takeIdle()) {

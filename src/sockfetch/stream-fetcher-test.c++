@@ -297,6 +297,20 @@ BOTH_TRANSPORTS(reuseAfterIdleWatch,
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.anyReason());
 }
 
+BOTH_TRANSPORTS(bodylessBodyOutlives,
+    "StreamFetcher: a GET's (empty) body stream may outlive its exchange and the fetcher") {
+  auto request = env.get();
+  env.peer->readRequest();
+  auto written = env.peer->sendLater(OK_HELLO);
+  auto response = request.response.wait(env.ws);
+  KJ_EXPECT(response.body->readAllText().wait(env.ws) == "hello");
+  written.wait(env.ws);
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
+  env.fetcher = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("no entity-body", request.body->write("x", 1).wait(env.ws));
+  request.body = nullptr;
+}
+
 BOTH_TRANSPORTS(concurrentRefused, "StreamFetcher refuses a concurrent request, writing nothing") {
   auto first = env.get("/first");
   first.body = nullptr;

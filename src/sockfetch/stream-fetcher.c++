@@ -510,8 +510,14 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   }
 
   auto inner = exchange->client->request(method, url, headers, expectedBodySize);
-  kj::Own<kj::AsyncOutputStream> body =
-      kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
+  kj::Own<kj::AsyncOutputStream> body;
+  if (exchange->requestBodyKind == Exchange::RequestBodyKind::NONE) {
+    // kj-http's stream for a request without a body stands alone (it only refuses writes): no
+    // bookkeeping to do, and it may outlive the exchange.
+    body = kj::mv(inner.body);
+  } else {
+    body = kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
+  }
   Exchange* ex = exchange.get();
   auto response = inner.response
       .then([ex](Response&& response) {
