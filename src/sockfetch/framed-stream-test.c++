@@ -6,6 +6,7 @@
 #include <kj/debug.h>
 #include <kj/io.h>
 #include <kj/test.h>
+#include <kj/timer.h>
 #include <unistd.h>
 
 namespace sockfetch {
@@ -127,6 +128,40 @@ KJ_TEST("FramedStream over a descriptor that is not a socket waits for its idle 
   KJ_EXPECT_THROW_MESSAGE("poisoned",
       stream.tryRead(buffer, 1, sizeof(buffer)).wait(io.waitScope));
   KJ_EXPECT(stream.getGateLoss() != nullptr);
+}
+
+KJ_TEST("FramedStream's gate waiting for unread input ends when the idle read reports") {
+  // A wrapped stream (TLS-like) over TCP, with a timer that never fires: the gate's wait for the
+  // event loop to poll must still end, because the idle read reporting ends it too.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::TimerImpl stoppedTimer(kj::origin<kj::TimePoint>());
+  auto transport = test::tcpTransport(io);
+  FramedStream stream(test::tlsLike(kj::mv(transport.client)), ResponseFramer::Limits(),
+      stoppedTimer);
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  IgnoreLoss listener;
+  stream.watchIdle(listener);
+  peer.send("X");  // in the kernel; the event loop has not polled since
+  stream.beginExchange(kj::HttpMethod::GET);
+  auto write = stream.write("GET / HTTP/1.1\r\n\r\n", 18);
+  auto& timer = io.provider->getTimer();
+  KJ_EXPECT_THROW_MESSAGE("poisoned", write.exclusiveJoin(timer.afterDelay(1 * kj::SECONDS)
+      .then([]() { KJ_FAIL_ASSERT("the gate never ended"); })).wait(io.waitScope));
+}
+
+KJ_TEST("FramedStream destroyed while its gate settles leaves a pending write safe") {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto transport = test::tcpTransport(io);
+  auto stream = kj::heap<FramedStream>(test::tlsLike(kj::mv(transport.client)),
+      ResponseFramer::Limits(), io.provider->getTimer());
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  IgnoreLoss listener;
+  stream->watchIdle(listener);
+  peer.send("X");
+  stream->beginExchange(kj::HttpMethod::GET);
+  auto write = stream->write("GET / HTTP/1.1\r\n\r\n", 18);
+  stream = nullptr;  // the write still holds a branch of the gate
+  KJ_EXPECT_THROW_MESSAGE("closed before the request was written", write.wait(io.waitScope));
 }
 
 }  // namespace

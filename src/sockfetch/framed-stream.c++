@@ -114,6 +114,7 @@ FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limit
     : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {}
 
 FramedStream::~FramedStream() noexcept(false) {
+  gateCanceler.cancel("the connection was closed before the request was written");
   detachView();
 }
 
@@ -256,7 +257,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   // on other streams (TLS takes several). If the gate sees a loss, the exchange fails with
   // nothing written.
   gatePassed = false;
-  gate = settleGate(true).fork();
+  gate = gateCanceler.wrap(settleGate(true)).fork();  // the chain uses `this`: see the header
 }
 
 kj::Promise<void> FramedStream::settleGate(bool mayWaitForInput) {
@@ -269,7 +270,12 @@ kj::Promise<void> FramedStream::settleGate(bool mayWaitForInput) {
             // The kernel holds something the stream has not read yet (the event loop has not
             // polled since it came): let it poll once, then settle and look again. What the
             // stream makes of it (data, a close, or nothing, like a TLS session ticket) decides.
-            return t.afterDelay(0 * kj::NANOSECONDS).then([this]() { return settleGate(false); });
+            // (Or until the idle read reports, which settles it too.)
+            auto polled = t.afterDelay(0 * kj::NANOSECONDS);
+            if (probeOutcome != nullptr && KJ_ASSERT_NONNULL(probeOutcome).is<ProbePending>()) {
+              polled = polled.exclusiveJoin(awaitProbe());
+            }
+            return polled.then([this]() { return settleGate(false); });
           }
         }
       }

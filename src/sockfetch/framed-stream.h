@@ -140,6 +140,10 @@ private:
   bool chunkedTerminatorWritten = false;
   kj::ArrayPtr<kj::byte> bodyBuffer;
 
+  kj::Canceler gateCanceler;
+  // Cancels a gate still settling when the stream is destroyed (a read or write may hold a branch
+  // of it longer). Last, so that it goes first.
+
   void detachView();
   void startProbe();
   void probeDone();

@@ -94,7 +94,9 @@ public:
   ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, kj::NetworkAddress& address)
       : ConnectionPool(timer, table, address, Settings()) {}
   // `connector` opens new connections (see connector.h: an address, a unix socket, a CONNECT
-  // tunnel through a proxy, or anything that yields a stream).
+  // tunnel through a proxy, or anything that yields a stream). `timer` is the event loop's own
+  // (kj::AsyncIoProvider::getTimer()): it drives the pool's timeouts and, unless
+  // settings.fetcher.timer says otherwise, its connections' (StreamFetcher::Settings::timer).
 
   ~ConnectionPool() noexcept(false);
   KJ_DISALLOW_COPY(ConnectionPool);

@@ -51,7 +51,8 @@ public:
     ResponseFramer::Limits limits;
     // Size limits applied to responses.
     kj::Maybe<kj::Timer&> timer;
-    // The event loop's timer (a ConnectionPool passes its own). With it, a request on a stream
+    // The timer of the event loop the stream runs on (kj::AsyncIoProvider::getTimer(); a
+    // ConnectionPool passes its own, which must be that one too). With it, a request on a stream
     // other than a plain socket (TLS, say) whose kernel already holds unread input waits for the
     // event loop to read it before writing, so that bytes the server sent while the connection
     // was idle are seen even if the loop had not polled since they came.
