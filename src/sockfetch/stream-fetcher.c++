@@ -194,7 +194,7 @@ public:
     // For a response without a body: it ends right away (and synchronously: the framer already
     // holds the complete response).
     KJ_ASSERT(exchange->stream->getFramer().isComplete());
-    reachedEnd();
+    KJ_ASSERT(reachedEnd() == nullptr);
   }
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
@@ -216,7 +216,11 @@ public:
         }
       }
       if (!end) return n;
-      return reachedEnd().then([n]() { return n; });
+      auto rest = reachedEnd();
+      KJ_IF_SOME(promise, rest) {
+        return promise.then([n]() { return n; });
+      }
+      return n;
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
       setBodyBuffer(nullptr);
       exchange->fail(CloseKind::FAILED,
@@ -246,19 +250,20 @@ private:
     if (exchange->stream.get() != nullptr) exchange->stream->setBodyBuffer(buffer);
   }
 
-  kj::Promise<void> reachedEnd() {
-    // kj's body is done with the connection; drop it before the client goes.
+  kj::Maybe<kj::Promise<void>> reachedEnd() {
+    // kj's body is done with the connection; drop it before the client goes. Null when the
+    // exchange is over at once (the usual case), else a promise for the rest of the response.
     inner = nullptr;
     if (exchange->done) {
       // Already failed (or upgraded): nothing more to finish.
       atEnd = true;
-      return kj::READY_NOW;
+      return nullptr;
     }
     auto& framer = exchange->stream->getFramer();
     if (framer.isComplete()) {
       atEnd = true;
       exchange->succeed();
-      return kj::READY_NOW;
+      return nullptr;
     }
     if (framer.getFailure() == nullptr) {
       KJ_IF_SOME(why, framer.whyNotReusable()) {
@@ -267,7 +272,7 @@ private:
         // anyway, so do not wait for the rest.
         atEnd = true;
         exchange->failNotReusable(why);
-        return kj::READY_NOW;
+        return nullptr;
       }
     }
     return exchange->stream->finishResponse().then([this]() {
@@ -280,6 +285,7 @@ private:
       kj::throwFatalException(kj::mv(e));
     });
   }
+
 };
 
 // =================================================================================================
