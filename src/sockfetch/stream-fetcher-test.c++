@@ -758,7 +758,7 @@ TLS_LIKE_TRANSPORTS(tlsLikeIdleRace,
 }
 
 TLS_LIKE_TRANSPORTS(tlsLikeUnpolledInput,
-    "StreamFetcher sees what the server sent to an idle TLS-like connection before the loop polled") {
+    "StreamFetcher sees what the server sent to an idle TLS-like connection before a poll") {
   KJ_EXPECT(env.exchange(kj::HttpMethod::GET, "/", OK_HELLO).body == "hello");
   // Idle long enough for the idle read to wait on the socket; then bytes arrive and a request is
   // made before the event loop polls again.
