@@ -19,6 +19,10 @@ constexpr kj::StringPtr CHUNKED_TERMINATOR = "0\r\n\r\n"_kj;
 constexpr size_t DIRECT_READ_MIN = 2048;
 // A consumer buffer at least this big is filled straight from the connection when possible.
 
+constexpr kj::StringPtr POISONED_IDLE = "the server sent data on the idle connection while no "
+    "request was outstanding, so the connection was dropped as poisoned"_kj;
+constexpr kj::StringPtr CLOSED_IDLE = "the server closed the idle connection"_kj;
+
 }  // namespace
 
 class FramedStream::ExchangeView final: public kj::AsyncIoStream {
@@ -175,10 +179,9 @@ void FramedStream::probeDone() {
     auto& outcome = KJ_ASSERT_NONNULL(probeOutcome);
     kj::String reason;
     if (outcome.is<ProbeGotByte>()) {
-      reason = kj::str("the server sent data on the idle connection while no request was "
-          "outstanding, so the connection was dropped as poisoned");
+      reason = kj::str(POISONED_IDLE);
     } else if (outcome.is<ProbeGotEof>()) {
-      reason = kj::str("the server closed the idle connection");
+      reason = kj::str(CLOSED_IDLE);
     } else {
       reason = kj::str("the idle connection failed: ",
           outcome.get<kj::Exception>().getDescription());
@@ -187,14 +190,6 @@ void FramedStream::probeDone() {
     listener.idleConnectionLost(outcome.is<ProbeGotByte>(), kj::mv(reason));
   }
 }
-
-namespace {
-
-constexpr kj::StringPtr POISONED_IDLE = "the server sent data on the idle connection while no "
-    "request was outstanding, so the connection was dropped as poisoned"_kj;
-constexpr kj::StringPtr CLOSED_IDLE = "the server closed the idle connection"_kj;
-
-}  // namespace
 
 kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
   KJ_IF_SOME(outcome, probeOutcome) {
@@ -240,7 +235,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   chunkedTerminatorWritten = false;
   bodyBuffer = nullptr;
   if (probeOutcome == nullptr) {
-    // The idle read never started (a socket, see watchIdle()): nothing was consumed, and
+    // The idle read never started (a plain socket, see watchIdle()): nothing was consumed, and
     // checkIdleNow() has just asked the kernel. Nothing to wait for.
     probeLater = nullptr;
     gatePassed = true;
