@@ -898,6 +898,19 @@ BOTH_TRANSPORTS(cancelDuringBody,
   KJ_EXPECT(env.peer->sawEof());
 }
 
+BOTH_TRANSPORTS(shortBodyFailsResponse,
+    "StreamFetcher fails the response at once when a fixed-length body is dropped short") {
+  auto req = env.fetcher->request(kj::HttpMethod::PUT, "/", env.headers(), uint64_t(100));
+  auto write = writeAll(*req.body, "0123456789"_kj.asBytes());
+  env.peer->readHead();
+  KJ_EXPECT(env.peer->readExactly(10) == "0123456789");
+  write.wait(env.ws);
+  req.body = nullptr;  // the server still waits for 90 bytes: no response will ever come
+  KJ_EXPECT_THROW_MESSAGE("dropped after 10 of its 100 bytes",
+      env.waitAtMost(kj::mv(req.response)));
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::ABANDONED);
+}
+
 BOTH_TRANSPORTS(earlyResponse,
     "StreamFetcher drops the connection when the response ends before the request body") {
   auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));

@@ -97,6 +97,7 @@ public:
   kj::Own<kj::HttpClient> client;   // points into `view`: declared after it
   kj::Maybe<RequestBody&> requestBody;
   kj::Maybe<ResponseBody&> responseBody;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // fixed-length bodies only
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
@@ -120,9 +121,16 @@ public:
     exchange->requestBodyDropped = true;
     if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
         exchange->requestBodyWritten < exchange->requestBodyExpected && inner.get() != nullptr) {
-      exchange->fail(CloseKind::ABANDONED,
-          kj::str("the request body was dropped after ", exchange->requestBodyWritten, " of its ",
-              exchange->requestBodyExpected, " bytes were written"));
+      auto reason = kj::str("the request body was dropped after ", exchange->requestBodyWritten,
+          " of its ", exchange->requestBodyExpected, " bytes were written");
+      if (!exchange->responded) {
+        // The server still waits for the rest, so no response is coming: fail it now.
+        KJ_IF_SOME(abort, exchange->abortResponse) {
+          abort->reject(KJ_EXCEPTION(FAILED, kj::str(reason, ", so the request was never sent in "
+              "full; write all of it (expectedBodySize bytes) before dropping the body stream")));
+        }
+      }
+      exchange->fail(CloseKind::ABANDONED, kj::mv(reason));
     }
     // Dropping kj's body now writes the chunked terminator, or marks a short fixed-length body
     // as aborted.
@@ -525,7 +533,16 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
     body = kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
   }
   Exchange* ex = exchange.get();
-  auto response = inner.response
+  auto innerResponse = kj::mv(inner.response);
+  if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED) {
+    // A fixed-length body dropped short fails the response (see ~RequestBody).
+    auto abort = kj::newPromiseAndFulfiller<void>();
+    exchange->abortResponse = kj::mv(abort.fulfiller);
+    innerResponse = innerResponse.exclusiveJoin(abort.promise.then([]() -> Response {
+      KJ_FAIL_ASSERT("abortResponse is only ever rejected");
+    }));
+  }
+  auto response = innerResponse
       .then([ex](Response&& response) {
     return ex->onResponse(kj::mv(response));
   }, [ex](kj::Exception&& e) -> Response {
