@@ -6,6 +6,7 @@
 
 #include <kj/debug.h>
 #include <kj/test.h>
+#include <string.h>
 #include <unistd.h>
 
 namespace sockfetch {
@@ -467,6 +468,37 @@ KJ_TEST("ConnectionPool accepts empty writes to a buffered request body") {
     auto response = request.response.wait(env.ws);
     KJ_EXPECT(response.body->readAllText().wait(env.ws) == "got nothing");
   }
+}
+
+KJ_TEST("ConnectionPool: a streaming body written before the response is awaited") {
+  // The body's writes wait for a connection: the request must go out without the response being
+  // awaited, and when no connection can be had the write must fail rather than wait forever.
+  Env env([](unsigned, unsigned, kj::StringPtr text) {
+    return ok(strstr(text.cStr(), "hello") != nullptr ? "got it" : "no body?");
+  });
+  {
+    auto request = env.pool->request(kj::HttpMethod::POST, "/", env.headers());  // chunked
+    auto write = request.body->write("hello", 5);
+    write.exclusiveJoin(env.timer.afterDelay(2 * kj::SECONDS).then([]() {
+      KJ_FAIL_ASSERT("the body write waited forever for a connection");
+    })).wait(env.ws);
+    request.body = nullptr;
+    auto response = request.response.wait(env.ws);
+    KJ_EXPECT(response.body->readAllText().wait(env.ws) == "got it");
+  }
+  ConnectionPool unreachable(env.timer, env.table,
+      []() -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+    return KJ_EXCEPTION(DISCONNECTED, "connection refused (test)");
+  });
+  auto request = unreachable.request(kj::HttpMethod::POST, "/", env.headers());
+  KJ_EXPECT_THROW_MESSAGE("connection refused (test)", request.body->write("hello", 5)
+      .exclusiveJoin(env.timer.afterDelay(2 * kj::SECONDS).then([]() {
+    KJ_FAIL_ASSERT("the body write waited forever for a connection");
+  })).wait(env.ws));
+  KJ_EXPECT_THROW_MESSAGE("connection refused (test)", request.body->write("again", 5)
+      .wait(env.ws));
+  request.body = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("connection refused (test)", request.response.wait(env.ws));
 }
 
 // =================================================================================================

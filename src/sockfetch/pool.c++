@@ -219,9 +219,6 @@ public:
           false, false);
     }
     bool reused = connection->uses > 0;
-    if (reused) ++pool().stats.reuses;
-    ++connection->uses;
-
     kj::Maybe<Request> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.request(method, url, headers, expectedBodySize);
@@ -229,6 +226,8 @@ public:
       // Found lost before anything was written (the server closed or poisoned it while idle).
       return retryOrThrow(kj::mv(e), false, false);
     }
+    if (reused) ++pool().stats.reuses;
+    ++connection->uses;
     auto request = kj::mv(KJ_ASSERT_NONNULL(started));
     switch (bodyMode) {
       case BodyMode::NONE:
@@ -306,6 +305,9 @@ public:
         KJ_IF_SOME(inner, innerBody) {
           return writeAll(*inner, bytes);
         }
+        KJ_IF_SOME(failure, bodyFailure) {
+          return cloneException(failure);
+        }
         auto paf = kj::newPromiseAndFulfiller<void>();
         innerBodyWaiter = kj::mv(paf.fulfiller);
         return paf.promise.then([this, bytes]() { return write(bytes); });
@@ -332,6 +334,8 @@ public:
   }
 
   void failPendingWrites(const kj::Exception& e) {
+    // No connection will carry the body: fail the write waiting for one, and every later one.
+    if (bodyFailure == nullptr) bodyFailure = cloneException(e);
     KJ_IF_SOME(waiter, innerBodyWaiter) {
       (waiter)->reject(cloneException(e));
       innerBodyWaiter = nullptr;
@@ -352,6 +356,7 @@ public:
   kj::Own<kj::PromiseFulfiller<void>> bodyBufferedFulfiller;
   kj::Maybe<kj::Own<kj::AsyncOutputStream>> innerBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
+  kj::Maybe<kj::Exception> bodyFailure;  // no connection will carry a streaming body
   kj::Promise<void> bodyWrite = nullptr;
   bool streamingDropped = false;
   bool retried = false;
@@ -459,11 +464,16 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
     response = raw->run();
   }
   if (raw->bodyMode == Attempt::BodyMode::STREAMING) {
-    // A writer may be waiting for the connection: it must hear that there will be none.
+    // The body's writes wait for a connection, so the request must proceed whether or not the
+    // caller awaits the response yet (eagerly), and a writer must hear that there will be no
+    // connection, or that the request was given up.
     response = response.catch_([raw](kj::Exception&& e) -> Response {
       raw->failPendingWrites(e);
       kj::throwFatalException(kj::mv(e));
-    });
+    }).attach(kj::defer([raw]() {
+      raw->failPendingWrites(KJ_EXCEPTION(DISCONNECTED,
+          "the request was cancelled before a connection carried its body"));
+    })).eagerlyEvaluate(nullptr);
   }
   return Request{kj::mv(body), response.attach(kj::mv(attempt))};
 }
