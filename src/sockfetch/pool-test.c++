@@ -169,6 +169,29 @@ KJ_TEST("ConnectionPool retries a GET that hit a stale connection, once, on a ne
   KJ_EXPECT(stats.droppedFailed == 1);
 }
 
+KJ_TEST("ConnectionPool retries a WebSocket handshake that hit a stale connection") {
+  Env env([](unsigned connection, unsigned request, kj::StringPtr text) {
+    if (connection == 0 && request == 1) {
+      Reply reply;
+      reply.closeAfter = true;  // stale: closes without a word
+      return reply;
+    }
+    if (connection == 1) {
+      Reply reply;
+      reply.bytes = kj::str("HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno");
+      return reply;
+    }
+    return echoPath(text);
+  });
+  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+  auto response = env.pool->openWebSocket("/ws", env.headers()).wait(env.ws);
+  KJ_EXPECT(response.statusCode == 403);
+  auto& body = KJ_ASSERT_NONNULL(response.webSocketOrBody.tryGet<kj::Own<kj::AsyncInputStream>>());
+  KJ_EXPECT(body->readAllText().wait(env.ws) == "no");
+  KJ_EXPECT(env.pool->getStats().retries == 1);
+  KJ_EXPECT(env.server->accepted == 2);
+}
+
 KJ_TEST("ConnectionPool does not retry a POST that hit a stale connection") {
   Env env(closeOnSecond);
   KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");

@@ -38,6 +38,16 @@ bool isIdempotent(kj::HttpMethod method) {
   }
 }
 
+bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool staleCandidate,
+    bool wroteAny) {
+  // Whether a failed request may be sent once more on a new connection: it failed for want of a
+  // connection (DISCONNECTED), can be sent again (`replayable`), and either never reached the
+  // connection or, idempotent, failed on a reused one before any response byte (the stale
+  // keep-alive race).
+  return e.getType() == kj::Exception::Type::DISCONNECTED && replayable &&
+      (!wroteAny || (staleCandidate && idempotent));
+}
+
 }  // namespace
 
 // =================================================================================================
@@ -270,10 +280,10 @@ public:
   kj::Promise<Response> retryOrThrow(kj::Exception&& e, bool staleCandidate, bool wroteAny) {
     // `staleCandidate`: failed on a reused connection before any response byte. The request is
     // sent again if it never reached the connection, or it is idempotent and replayable.
-    bool retry = !retried && e.getType() == kj::Exception::Type::DISCONNECTED &&
-        bodyMode != BodyMode::STREAMING &&
-        (!wroteAny || (staleCandidate && isIdempotent(method)));
-    if (!retry) return kj::mv(e);
+    if (retried || !mayRetry(e, bodyMode != BodyMode::STREAMING, isIdempotent(method),
+        staleCandidate, wroteAny)) {
+      return kj::mv(e);
+    }
     KJ_IF_SOME(p, life->pool) {
       retried = true;
       ++p.stats.retries;
@@ -360,6 +370,79 @@ public:
   kj::Promise<void> bodyWrite = nullptr;
   bool streamingDropped = false;
   bool retried = false;
+};
+
+// =================================================================================================
+// WebSocketAttempt: one WebSocket handshake through the pool. A handshake is a GET without a
+// body, so it is retried like one.
+
+class ConnectionPool::WebSocketAttempt final: public kj::Refcounted {
+public:
+  WebSocketAttempt(ConnectionPool& pool, kj::StringPtr url, const kj::HttpHeaders& headers)
+      : life(kj::addRef(*pool.life)), url(kj::heapString(url)), headers(headers.clone()) {}
+
+  kj::Promise<WebSocketResponse> start(bool fresh) {
+    KJ_IF_SOME(p, life->pool) {
+      return p.canceler.wrap(p.acquire(fresh)).then([this](kj::Own<Connection>&& connection) {
+        return on(kj::mv(connection));
+      });
+    }
+    return KJ_EXCEPTION(DISCONNECTED,
+        "the ConnectionPool was destroyed before this WebSocket handshake could be sent");
+  }
+
+private:
+  kj::Own<Life> life;
+  kj::String url;
+  kj::HttpHeaders headers;
+  bool retried = false;
+
+  kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {
+    auto& fetcher = *connection->fetcher;
+    bool reused = connection->uses > 0;
+    kj::Maybe<kj::Promise<WebSocketResponse>> started;
+    KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
+      started = fetcher.openWebSocket(url, headers);
+    })) {
+      // Lost while idle (or since it was handed out): nothing was written.
+      return retryOrThrow(kj::mv(e), false, false);
+    }
+    KJ_IF_SOME(p, life->pool) {
+      if (reused) ++p.stats.reuses;
+    }
+    ++connection->uses;
+    auto forResult = kj::addRef(*connection);
+    return KJ_ASSERT_NONNULL(kj::mv(started)).then(
+        [connection = kj::mv(forResult)](WebSocketResponse&& response) mutable
+        -> kj::Promise<WebSocketResponse> {
+      // The WebSocket or body keeps the connection (and so its fetcher) alive.
+      KJ_SWITCH_ONEOF(response.webSocketOrBody) {
+        KJ_CASE_ONEOF(socket, kj::Own<kj::WebSocket>) {
+          response.webSocketOrBody = socket.attach(kj::mv(connection));
+        }
+        KJ_CASE_ONEOF(body, kj::Own<kj::AsyncInputStream>) {
+          response.webSocketOrBody = body.attach(kj::mv(connection));
+        }
+      }
+      return kj::mv(response);
+    }, [this, reused, connection = kj::mv(connection)](kj::Exception&& e) mutable
+        -> kj::Promise<WebSocketResponse> {
+      auto& f = *connection->fetcher;
+      return retryOrThrow(kj::mv(e), reused && !f.lastExchangeReceivedResponse(),
+          f.lastExchangeWroteRequest());
+    });
+  }
+
+  kj::Promise<WebSocketResponse> retryOrThrow(kj::Exception&& e, bool staleCandidate,
+      bool wroteAny) {
+    if (retried || !mayRetry(e, true, true, staleCandidate, wroteAny)) return kj::mv(e);
+    KJ_IF_SOME(p, life->pool) {
+      retried = true;
+      ++p.stats.retries;
+      return start(true);
+    }
+    return kj::mv(e);  // the pool is gone: nowhere to retry
+  }
 };
 
 namespace {
@@ -493,28 +576,9 @@ kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
 kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
   ++stats.requests;
-  auto ownUrl = kj::heapString(url);
-  auto ownHeaders = kj::heap(headers.clone());
-  return canceler.wrap(acquire(false)).then([life = kj::addRef(*life), url = kj::mv(ownUrl),
-      headers = kj::mv(ownHeaders)](kj::Own<Connection>&& connection) mutable {
-    KJ_IF_SOME(pool, life->pool) {
-      if (connection->uses > 0) ++pool.stats.reuses;
-    }
-    ++connection->uses;
-    auto forResult = kj::addRef(*connection);
-    return connection->fetcher->openWebSocket(url, *headers)
-        .then([connection = kj::mv(forResult)](WebSocketResponse&& response) mutable {
-      KJ_SWITCH_ONEOF(response.webSocketOrBody) {
-        KJ_CASE_ONEOF(socket, kj::Own<kj::WebSocket>) {
-          response.webSocketOrBody = socket.attach(kj::mv(connection));
-        }
-        KJ_CASE_ONEOF(body, kj::Own<kj::AsyncInputStream>) {
-          response.webSocketOrBody = body.attach(kj::mv(connection));
-        }
-      }
-      return kj::mv(response);
-    }).attach(kj::mv(url), kj::mv(headers), kj::mv(connection));
-  });
+  auto attempt = kj::refcounted<WebSocketAttempt>(*this, url, headers);
+  auto promise = attempt->start(false);
+  return promise.attach(kj::mv(attempt));
 }
 
 kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fresh) {

@@ -111,7 +111,8 @@ public:
 
   kj::Promise<WebSocketResponse> openWebSocket(
       kj::StringPtr url, const kj::HttpHeaders& headers) override;
-  // Like request(); a 101 takes the connection out of the pool for good.
+  // Like request() (a handshake is retried like a GET); a 101 takes the connection out of the
+  // pool for good.
 
   const Stats& getStats() const { return stats; }
   unsigned getIdleCount() const { return idle.size(); }
@@ -124,6 +125,7 @@ private:
   class Connection;
   class Waiter;
   class Attempt;
+  class WebSocketAttempt;
   class PendingBody;
   class ConnectSlot;
 
