@@ -245,5 +245,25 @@ KJ_TEST("ResponseFramer limits each trailer line, whatever the trailer section's
   KJ_EXPECT_THROW_MESSAGE("trailer line too long", feed(framer, {head, line.asPtr()}));
 }
 
+KJ_TEST("ResponseFramer accepts a bounded number of interim responses") {
+  ResponseFramer::Limits limits;
+  limits.maxInterimResponses = 3;
+  {
+    ResponseFramer framer(limits);
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.passed == "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", fed.passed);
+  }
+  {
+    ResponseFramer framer(limits);
+    framer.start(kj::HttpMethod::GET);
+    KJ_EXPECT_THROW_MESSAGE("more than 3 interim (1xx) responses", feed(framer,
+        {"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+         "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"_kj}));
+  }
+}
+
 }  // namespace
 }  // namespace sockfetch

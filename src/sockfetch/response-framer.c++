@@ -127,6 +127,7 @@ void ResponseFramer::start(kj::HttpMethod requestMethod) {
   KJ_REQUIRE(begin == end, "a new response may only be framed on a clean connection");
   begin = limit = parsed = end = messageEnd = lineStart = 0;
   trailerBytes = 0;
+  interimResponses = 0;
   remaining = 0;
   method = requestMethod;
   head = Head();
@@ -436,6 +437,10 @@ bool ResponseFramer::parseHeaderBlock() {
       parseHead(kj::arrayPtr(chars + lineStart, blockEnd - lineStart));
       if (head.status >= 100 && head.status < 200 && head.status != 101) {
         // Interim response: drop it entirely, as if it was never sent.
+        if (++interimResponses > limits.maxInterimResponses) {
+          kj::throwFatalException(malformed(kj::str("more than ", limits.maxInterimResponses,
+              " interim (1xx) responses")));
+        }
         memmove(buffer.begin() + lineStart, buffer.begin() + blockEnd, end - blockEnd);
         end -= blockEnd - lineStart;
         parsed = lineStart;

@@ -34,6 +34,9 @@ public:
     // Longest chunk-size line (with extensions) or trailer section line accepted.
     size_t maxTrailerBytes = 64 * 1024;
     // Largest trailer section accepted.
+    size_t maxInterimResponses = 1000;
+    // Most interim (1xx) responses accepted before the final one, so that a server cannot keep
+    // a request waiting forever with them.
   };
 
   explicit ResponseFramer(Limits limits);
@@ -154,6 +157,7 @@ private:
   size_t messageEnd = 0;  // when COMPLETE: end of the response in the buffer
   size_t lineStart = 0;   // start of the header block / chunk line / trailer line being read
   size_t trailerBytes = 0;
+  size_t interimResponses = 0;
   uint64_t remaining = 0;
   State state = State::IDLE;
   kj::HttpMethod method = kj::HttpMethod::GET;
