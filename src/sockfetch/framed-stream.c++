@@ -176,22 +176,13 @@ void FramedStream::probeDone() {
   }
   if (mode != Mode::IDLE) return;  // an exchange's gate or a pass-through read deals with it
   KJ_IF_SOME(listener, idleListener) {
-    auto& outcome = KJ_ASSERT_NONNULL(probeOutcome);
-    kj::String reason;
-    if (outcome.is<ProbeGotByte>()) {
-      reason = kj::str(POISONED_IDLE);
-    } else if (outcome.is<ProbeGotEof>()) {
-      reason = kj::str(CLOSED_IDLE);
-    } else {
-      reason = kj::str("the idle connection failed: ",
-          outcome.get<kj::Exception>().getDescription());
-    }
+    auto loss = KJ_ASSERT_NONNULL(probeLoss());
     idleListener = nullptr;
-    listener.idleConnectionLost(outcome.is<ProbeGotByte>(), kj::mv(reason));
+    listener.idleConnectionLost(loss.gotBytes, kj::mv(loss.reason));
   }
 }
 
-kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
+kj::Maybe<FramedStream::IdleLoss> FramedStream::probeLoss() {
   KJ_IF_SOME(outcome, probeOutcome) {
     if (outcome.is<ProbeGotByte>()) {
       return IdleLoss{true, kj::str(POISONED_IDLE)};
@@ -201,6 +192,13 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
       return IdleLoss{false, kj::str("the idle connection failed: ",
           outcome.get<kj::Exception>().getDescription())};
     }
+  }
+  return nullptr;
+}
+
+kj::Maybe<FramedStream::IdleLoss> FramedStream::checkIdleNow() {
+  KJ_IF_SOME(loss, probeLoss()) {
+    return kj::mv(loss);
   }
   return peekSocket();
 }
@@ -281,13 +279,7 @@ kj::Promise<void> FramedStream::settleGate(bool mayWaitForInput) {
 }
 
 void FramedStream::checkGate() {
-  KJ_IF_SOME(outcome, probeOutcome) {
-    if (!outcome.is<ProbePending>()) {
-      auto loss = KJ_ASSERT_NONNULL(checkIdleNow());
-      failGate(kj::mv(loss));
-    }
-  }
-  KJ_IF_SOME(loss, peekSocket()) {
+  KJ_IF_SOME(loss, checkIdleNow()) {
     failGate(kj::mv(loss));
   }
 }

@@ -147,6 +147,8 @@ private:
   void detachView();
   void startProbe();
   void probeDone();
+  kj::Maybe<IdleLoss> probeLoss();
+  // What the idle read found, if it completed.
   kj::Maybe<IdleLoss> peekSocket();
   kj::Promise<void> passGate();
   kj::Promise<void> settleGate(bool mayWaitForInput);
