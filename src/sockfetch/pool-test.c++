@@ -192,6 +192,58 @@ KJ_TEST("ConnectionPool retries a WebSocket handshake that hit a stale connectio
   KJ_EXPECT(env.server->accepted == 2);
 }
 
+kj::Promise<kj::String> getWithOwnHeaders(Env& env, kj::StringPtr url) {
+  // A GET whose headers (indexed, unindexed, repeated, empty) are gone once request() returns.
+  kj::HttpHeaders headers(env.table);
+  headers.set(kj::HttpHeaderId::HOST, "upstream.test");
+  headers.add("X-Trace", kj::str("trace ", url));
+  headers.add("X-Dup", "1");
+  headers.add("X-Dup", "2");
+  headers.add("X-Empty", "");
+  auto request = env.pool->request(kj::HttpMethod::GET, kj::str(url, "?q=a%20b"), headers);
+  request.body = nullptr;
+  return request.response.then([](kj::HttpClient::Response&& response) {
+    return response.body->readAllText().attach(kj::mv(response.body));
+  });
+}
+
+constexpr kj::StringPtr OWN_HEADERS = "Host: upstream.test\r\nX-Trace: trace /x\r\nX-Dup: 1\r\n"
+    "X-Dup: 2\r\nX-Empty: \r\n\r\n"_kj;
+
+KJ_TEST("ConnectionPool sends a retried request with the caller's exact url and headers") {
+  kj::Vector<kj::String> seen;
+  Env env([&seen](unsigned connection, unsigned request, kj::StringPtr text) {
+    seen.add(kj::str(text));
+    return closeOnSecond(connection, request, text);
+  });
+  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+  KJ_EXPECT(getWithOwnHeaders(env, "/x").wait(env.ws) == "/x?q=a%20b");
+  KJ_EXPECT(env.pool->getStats().retries == 1);
+  KJ_ASSERT(seen.size() == 3);
+  auto expected = kj::str("GET /x?q=a%20b HTTP/1.1\r\n", OWN_HEADERS);
+  KJ_EXPECT(seen[1] == expected, seen[1]);
+  KJ_EXPECT(seen[2] == expected, seen[2]);
+}
+
+KJ_TEST("ConnectionPool sends a request that waited with the caller's exact url and headers") {
+  kj::Vector<kj::String> seen;
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 1;
+  Env env([&seen](unsigned, unsigned, kj::StringPtr text) {
+    seen.add(kj::str(text));
+    auto reply = echoPath(text);
+    reply.delay = 5 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  auto first = env.get("/first");
+  auto second = getWithOwnHeaders(env, "/x");
+  KJ_EXPECT(first.wait(env.ws) == "/first");
+  KJ_EXPECT(second.wait(env.ws) == "/x?q=a%20b");
+  KJ_EXPECT(env.pool->getStats().waits == 1);
+  KJ_ASSERT(seen.size() == 2);
+  KJ_EXPECT(seen[1] == kj::str("GET /x?q=a%20b HTTP/1.1\r\n", OWN_HEADERS), seen[1]);
+}
+
 KJ_TEST("ConnectionPool does not retry a POST that hit a stale connection") {
   Env env(closeOnSecond);
   KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");

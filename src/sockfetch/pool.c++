@@ -3,6 +3,7 @@
 #include <sockfetch/kj-compat.h>
 
 #include <kj/debug.h>
+#include <string.h>
 
 namespace sockfetch {
 
@@ -37,6 +38,61 @@ bool isIdempotent(kj::HttpMethod method) {
       return false;
   }
 }
+
+class RequestCopy {
+  // A request's url and headers, copied into one allocation: the caller's are valid only during
+  // request(), but the pool may send the request later (it waited for a connection) or again (a
+  // retry). A kj::HttpHeaders over the copy is built only then.
+public:
+  RequestCopy(kj::StringPtr url, const kj::HttpHeaders& headers) {
+    size_t size = url.size() + 1;
+    headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
+      size += name.size() + value.size() + 2;
+      ++headerCount;
+    });
+    text = kj::heapArray<char>(size);
+    char* pos = text.begin();
+    auto put = [&pos](kj::StringPtr s) {
+      memcpy(pos, s.cStr(), s.size() + 1);
+      pos += s.size() + 1;
+    };
+    put(url);
+    headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
+      put(name);
+      put(value);
+    });
+    urlSize = url.size();
+  }
+  KJ_DISALLOW_COPY(RequestCopy);
+
+  kj::StringPtr getUrl() const { return kj::StringPtr(text.begin(), urlSize); }
+
+  const kj::HttpHeaders& getHeaders(const kj::HttpHeaderTable& table) {
+    KJ_IF_SOME(h, headers) {
+      return *h;
+    }
+    auto h = kj::heap<kj::HttpHeaders>(table);
+    const char* pos = text.begin() + urlSize + 1;
+    auto take = [&pos]() {
+      kj::StringPtr s(pos, strlen(pos));
+      pos += s.size() + 1;
+      return s;
+    };
+    for (size_t i = 0; i < headerCount; i++) {
+      auto name = take();
+      h->add(name, take());
+    }
+    auto& result = *h;
+    headers = kj::mv(h);
+    return result;
+  }
+
+private:
+  kj::Array<char> text;  // the url, then each header's name and value, each NUL-terminated
+  size_t urlSize = 0;
+  size_t headerCount = 0;
+  kj::Maybe<kj::Own<kj::HttpHeaders>> headers;  // points into `text`
+};
 
 bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool staleCandidate,
     bool wroteAny) {
@@ -154,9 +210,7 @@ public:
   Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
       const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
       : life(kj::addRef(*pool.life)), method(method),
-        serialized(headers.serializeRequest(method, url)), expectedBodySize(expectedBodySize) {
-    // The caller's url and headers are valid only during request(): keep them as one string,
-    // parsed again only if the request is sent later (it waited, or is retried).
+        copy(url, headers), expectedBodySize(expectedBodySize) {
     bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
     KJ_IF_SOME(size, expectedBodySize) {
       if (isGet && size == 0) {
@@ -204,18 +258,8 @@ public:
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
-    if (parsedHeaders.get() == nullptr) {
-      parsedText = kj::heapString(serialized);
-      parsedHeaders = kj::heap<kj::HttpHeaders>(pool().table);
-      auto result = parsedHeaders->tryParseRequest(parsedText.asArray());
-      KJ_IF_SOME(request, result.tryGet<kj::HttpHeaders::Request>()) {
-        parsedUrl = request.url;
-      } else {
-        return KJ_EXCEPTION(FAILED, "could not re-read the request's own headers",
-            result.get<kj::HttpHeaders::ProtocolError>().description);
-      }
-    }
-    return send(kj::mv(connection), parsedUrl, *parsedHeaders);
+    auto& headers = copy.getHeaders(pool().table);
+    return send(kj::mv(connection), copy.getUrl(), headers);
   }
 
   kj::Promise<Response> send(kj::Own<Connection> connection, kj::StringPtr url,
@@ -354,10 +398,7 @@ public:
 
   kj::Own<Life> life;
   kj::HttpMethod method;
-  kj::String serialized;                  // request line and headers, as sent
-  kj::String parsedText;                  // a copy that parsedHeaders points into
-  kj::Own<kj::HttpHeaders> parsedHeaders; // for a request sent after request() returned
-  kj::StringPtr parsedUrl;
+  RequestCopy copy;  // for a request sent after request() returned
   kj::Maybe<uint64_t> expectedBodySize;
   BodyMode bodyMode = BodyMode::NONE;
   uint64_t expected = 0;
@@ -379,7 +420,7 @@ public:
 class ConnectionPool::WebSocketAttempt final: public kj::Refcounted {
 public:
   WebSocketAttempt(ConnectionPool& pool, kj::StringPtr url, const kj::HttpHeaders& headers)
-      : life(kj::addRef(*pool.life)), url(kj::heapString(url)), headers(headers.clone()) {}
+      : life(kj::addRef(*pool.life)), table(pool.table), copy(url, headers) {}
 
   kj::Promise<WebSocketResponse> start(bool fresh) {
     KJ_IF_SOME(p, life->pool) {
@@ -393,8 +434,8 @@ public:
 
 private:
   kj::Own<Life> life;
-  kj::String url;
-  kj::HttpHeaders headers;
+  const kj::HttpHeaderTable& table;
+  RequestCopy copy;
   bool retried = false;
 
   kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {
@@ -402,7 +443,7 @@ private:
     bool reused = connection->uses > 0;
     kj::Maybe<kj::Promise<WebSocketResponse>> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
-      started = fetcher.openWebSocket(url, headers);
+      started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders(table));
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
       return retryOrThrow(kj::mv(e), false, false);
