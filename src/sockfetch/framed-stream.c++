@@ -25,53 +25,54 @@ constexpr kj::StringPtr CLOSED_IDLE = "the server closed the idle connection"_kj
 
 }  // namespace
 
-class FramedStream::ExchangeView final: public kj::AsyncIoStream {
-public:
-  explicit ExchangeView(FramedStream& stream): stream(stream) {}
-  ~ExchangeView() noexcept(false) {
-    KJ_IF_SOME(s, stream) {
-      s.currentView = nullptr;
-    }
-  }
+FramedStream::ExchangeView::ExchangeView(FramedStream& s): stream(s) {
+  s.detachView();
+  s.currentView = *this;
+}
 
-  void detach() { stream = nullptr; }
+FramedStream::ExchangeView::~ExchangeView() noexcept(false) {
+  KJ_IF_SOME(s, stream) {
+    s.currentView = nullptr;
+  }
+}
 
-  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
-    KJ_IF_SOME(s, stream) {
-      return s.tryRead(buffer, minBytes, maxBytes);
-    }
-    return kj::Promise<size_t>(kj::NEVER_DONE);
+kj::Promise<size_t> FramedStream::ExchangeView::tryRead(
+    void* buffer, size_t minBytes, size_t maxBytes) {
+  KJ_IF_SOME(s, stream) {
+    return s.tryRead(buffer, minBytes, maxBytes);
   }
-  kj::Promise<void> write(const void* buffer, size_t size) override {
-    return get().write(buffer, size);
-  }
-  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
-    return get().write(pieces);
-  }
-  kj::Promise<void> whenWriteDisconnected() override {
-    KJ_IF_SOME(s, stream) {
-      return s.whenWriteDisconnected();
-    }
-    return kj::NEVER_DONE;
-  }
-  void shutdownWrite() override {
-    KJ_IF_SOME(s, stream) {
-      s.shutdownWrite();
-    }
-  }
-  void abortRead() override {}
+  return kj::Promise<size_t>(kj::NEVER_DONE);
+}
 
-private:
-  kj::Maybe<FramedStream&> stream;
+kj::Promise<void> FramedStream::ExchangeView::write(const void* buffer, size_t size) {
+  return get().write(buffer, size);
+}
 
-  FramedStream& get() {
-    KJ_IF_SOME(s, stream) {
-      return s;
-    }
-    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-        "this exchange is over; its connection has moved on"));
+kj::Promise<void> FramedStream::ExchangeView::write(
+    kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  return get().write(pieces);
+}
+
+kj::Promise<void> FramedStream::ExchangeView::whenWriteDisconnected() {
+  KJ_IF_SOME(s, stream) {
+    return s.whenWriteDisconnected();
   }
-};
+  return kj::NEVER_DONE;
+}
+
+void FramedStream::ExchangeView::shutdownWrite() {
+  KJ_IF_SOME(s, stream) {
+    s.shutdownWrite();
+  }
+}
+
+FramedStream& FramedStream::ExchangeView::get() {
+  KJ_IF_SOME(s, stream) {
+    return s;
+  }
+  kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
+      "this exchange is over; its connection has moved on"));
+}
 
 namespace {
 
@@ -120,13 +121,6 @@ FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limit
 FramedStream::~FramedStream() noexcept(false) {
   gateCanceler.cancel("the connection was closed before the request was written");
   detachView();
-}
-
-kj::Own<kj::AsyncIoStream> FramedStream::newExchangeView() {
-  detachView();
-  auto view = kj::heap<ExchangeView>(*this);
-  currentView = *view;
-  return kj::mv(view);
 }
 
 void FramedStream::detachView() {
@@ -374,6 +368,13 @@ kj::Promise<size_t> FramedStream::readLoop(
       return readLoop(buffer, minBytes, maxBytes, done + n);
     });
   }
+  if (probeOutcome == nullptr) {
+    // The usual case: read more of the response into the framer and look again, in one step.
+    return readRaw().then([this, buffer, minBytes, maxBytes, done](size_t n) {
+      receivedRaw(n);
+      return readLoop(buffer, minBytes, maxBytes, done);
+    });
+  }
   return fill().then([this, buffer, minBytes, maxBytes, done]() {
     return readLoop(buffer, minBytes, maxBytes, done);
   });
@@ -411,18 +412,24 @@ kj::Promise<void> FramedStream::fill() {
 }
 
 kj::Promise<void> FramedStream::fillFromRaw() {
+  return readRaw().then([this](size_t n) { receivedRaw(n); });
+}
+
+kj::Promise<size_t> FramedStream::readRaw() {
   kj::ArrayPtr<kj::byte> space;
   KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { space = framer.space(); })) {
     return kj::mv(e);  // the head outgrew its limit: a failed read, never a synchronous throw
   }
-  return raw->tryRead(space.begin(), 1, space.size()).then([this](size_t n) {
-    if (n == 0) {
-      rawEof = true;
-      framer.receivedEof();
-    } else {
-      framer.received(n);
-    }
-  });
+  return raw->tryRead(space.begin(), 1, space.size());
+}
+
+void FramedStream::receivedRaw(size_t n) {
+  if (n == 0) {
+    rawEof = true;
+    framer.receivedEof();
+  } else {
+    framer.received(n);
+  }
 }
 
 kj::Promise<void> FramedStream::awaitProbe() {

@@ -79,11 +79,8 @@ public:
   void passThrough();
   // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
 
-  kj::Own<kj::AsyncIoStream> newExchangeView();
-  // The stream to build the exchange's kj::HttpClient over. It forwards to this stream until the
-  // exchange is over (watchIdle(), passThrough() or destruction); after that its reads never
-  // complete and its writes fail, so a kj::HttpClient kept alive past its exchange (to keep its
-  // response headers valid) can never touch a later exchange's bytes. May outlive this stream.
+  class ExchangeView;
+  // The stream to build an exchange's kj::HttpClient over (see below).
 
   void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) { bodyBuffer = buffer; }
   // The buffer of the consumer's response body read in progress (null when none). kj-http reads
@@ -108,7 +105,6 @@ public:
   kj::Maybe<int> getFd() const override;
 
 private:
-  class ExchangeView;
   enum class Mode { IDLE, EXCHANGE, PASS_THROUGH };
   struct ProbePending {};
   struct ProbeGotByte {};
@@ -119,7 +115,7 @@ private:
   ResponseFramer framer;
   kj::Maybe<kj::Timer&> timer;
   bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
-  kj::Maybe<ExchangeView&> currentView;
+  kj::Maybe<ExchangeView&> currentView;  // the newest view, while it may touch this stream
   Mode mode = Mode::PASS_THROUGH;
   bool rawEof = false;
 
@@ -160,7 +156,38 @@ private:
   kj::Promise<size_t> passThroughRead(kj::byte* buffer, size_t minBytes, size_t maxBytes);
   kj::Promise<void> fill();
   kj::Promise<void> fillFromRaw();
+  kj::Promise<size_t> readRaw();
+  // Reads from the raw stream into the framer's space; then call receivedRaw().
+  void receivedRaw(size_t n);
+  // Tells the framer about `n` bytes a raw read put in its space (0: the end of the stream).
   kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
+};
+
+class FramedStream::ExchangeView final: public kj::AsyncIoStream {
+  // An exchange's window on a FramedStream, to build that exchange's kj::HttpClient over. It
+  // forwards to the stream until the exchange is over (the stream's watchIdle(), passThrough() or
+  // destruction, or a newer view); after that its reads never complete and its writes fail, so a
+  // kj::HttpClient kept alive past its exchange (to keep its response headers valid) can never
+  // touch a later exchange's bytes. May outlive the stream; must not move.
+
+public:
+  explicit ExchangeView(FramedStream& stream);
+  ~ExchangeView() noexcept(false);
+  KJ_DISALLOW_COPY(ExchangeView);
+
+  void detach() { stream = nullptr; }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
+  kj::Promise<void> write(const void* buffer, size_t size) override;
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
+  kj::Promise<void> whenWriteDisconnected() override;
+  void shutdownWrite() override;
+  void abortRead() override {}
+
+private:
+  kj::Maybe<FramedStream&> stream;
+
+  FramedStream& get();
 };
 
 }  // namespace sockfetch

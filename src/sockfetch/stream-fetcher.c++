@@ -38,8 +38,8 @@ public:
 
   Exchange(StreamFetcher& fetcher, kj::Own<FramedStream> streamParam,
       const kj::HttpHeaderTable& table, kj::HttpClientSettings settings)
-      : fetcher(fetcher), stream(kj::mv(streamParam)), view(stream->newExchangeView()),
-        client(kj::newHttpClient(table, *view, kj::mv(settings))) {}
+      : fetcher(fetcher), stream(kj::mv(streamParam)), view(*stream),
+        client(kj::newHttpClient(table, view, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
     if (!done) {
@@ -93,8 +93,10 @@ public:
 
   kj::Maybe<StreamFetcher&> fetcher;
   kj::Own<FramedStream> stream;
-  kj::Own<kj::AsyncIoStream> view;  // the exchange's window on `stream` (see newExchangeView())
-  kj::Own<kj::HttpClient> client;   // points into `view`: declared after it
+  FramedStream::ExchangeView view;  // the exchange's window on `stream`
+  kj::Own<kj::HttpClient> client;  // points into `view`: declared after it. Once the exchange is
+                                   // over, kept (detached) as long as the response body, since the
+                                   // response's status text and headers live in its buffer.
   kj::Maybe<RequestBody&> requestBody;
   kj::Maybe<ResponseBody&> responseBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // fixed-length bodies only
@@ -173,8 +175,8 @@ private:
 };
 
 // =================================================================================================
-// ResponseBody: wraps kj's response body; at its end completes the exchange. It also owns copies
-// of the response's status text and headers, which kj keeps in the client's buffer.
+// ResponseBody: wraps kj's response body; at its end completes the exchange. It keeps the exchange
+// alive, and so its client, whose buffer holds the response's status text and headers.
 
 class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
 public:
@@ -189,13 +191,6 @@ public:
       exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
     }
     inner = nullptr;  // before the client it points into
-  }
-
-  void adoptClient(kj::Own<kj::AsyncIoStream> view, kj::Own<kj::HttpClient> client) {
-    // The exchange is over and its connection moves on, but the response's status text and
-    // headers live in this client's buffer: keep it (and its detached view) as long as the body.
-    keptView = kj::mv(view);
-    keptClient = kj::mv(client);
   }
 
   void finishNow() {
@@ -247,9 +242,7 @@ public:
 
 private:
   kj::Own<Exchange> exchange;
-  kj::Own<kj::AsyncIoStream> keptView;
-  kj::Own<kj::HttpClient> keptClient;    // points into keptView: declared after it
-  kj::Own<kj::AsyncInputStream> inner;  // points into the client: declared after it
+  kj::Own<kj::AsyncInputStream> inner;  // points into the exchange's client: declared after it
   kj::Maybe<kj::Exception> readFailure;
   bool atEnd = false;
 
@@ -294,6 +287,30 @@ private:
     });
   }
 
+};
+
+// =================================================================================================
+// AwaitingResponse: holds the exchange as long as its response promise exists. It lives in that
+// promise's error handler (so it costs no promise node of its own), which is destroyed when the
+// promise completes or is dropped: dropped before the response arrived, the exchange is abandoned.
+
+class StreamFetcher::AwaitingResponse {
+public:
+  AwaitingResponse(kj::Own<Exchange> exchange, kj::StringPtr whatCancelled)
+      : exchange(kj::mv(exchange)), whatCancelled(whatCancelled) {}
+  AwaitingResponse(AwaitingResponse&&) = default;
+  ~AwaitingResponse() noexcept(false) {
+    if (exchange.get() != nullptr && !exchange->responded) {
+      exchange->fail(CloseKind::ABANDONED, kj::str(whatCancelled));
+    }
+  }
+
+  Exchange& operator*() { return *exchange; }
+  Exchange* operator->() { return exchange.get(); }
+
+private:
+  kj::Own<Exchange> exchange;
+  kj::StringPtr whatCancelled;
 };
 
 // =================================================================================================
@@ -369,11 +386,7 @@ void StreamFetcher::Exchange::succeed() {
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
   done = true;
-  KJ_IF_SOME(body, responseBody) {
-    body.adoptClient(kj::mv(view), kj::mv(client));
-  } else {
-    client = nullptr;
-  }
+  if (responseBody == nullptr) client = nullptr;  // else the body keeps this exchange
   KJ_IF_SOME(f, fetcher) {
     fetcher = nullptr;
     f.exchangeSucceeded(kj::mv(stream));
@@ -542,19 +555,14 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
       KJ_FAIL_ASSERT("abortResponse is only ever rejected");
     }));
   }
-  auto response = innerResponse
-      .then([ex](Response&& response) {
+  auto response = innerResponse.then([ex](Response&& response) {
     return ex->onResponse(kj::mv(response));
-  }, [ex](kj::Exception&& e) -> Response {
-    ex->failRequest("the previous request failed: ", e);
+  }, [awaiting = AwaitingResponse(kj::mv(exchange),
+          "a request was cancelled before its response arrived")](kj::Exception&& e) mutable
+      -> Response {
+    awaiting->failRequest("the previous request failed: ", e);
     kj::throwFatalException(kj::mv(e));
-  }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
-    // Keeps the exchange alive as long as the promise; runs on completion and on cancellation.
-    if (!exchange->responded) {
-      exchange->fail(CloseKind::ABANDONED,
-          kj::str("a request was cancelled before its response arrived"));
-    }
-  }));
+  });
   return Request{kj::mv(body), kj::mv(response)};
 }
 
@@ -563,18 +571,14 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
   auto exchange = startExchange(kj::HttpMethod::GET);
   exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
   Exchange* ex = exchange.get();
-  return ex->client->openWebSocket(url, headers)
-      .then([ex](WebSocketResponse&& response) {
+  return ex->client->openWebSocket(url, headers).then([ex](WebSocketResponse&& response) {
     return ex->onWebSocketResponse(kj::mv(response));
-  }, [ex](kj::Exception&& e) -> WebSocketResponse {
-    ex->failRequest("the previous WebSocket handshake failed: ", e);
+  }, [awaiting = AwaitingResponse(kj::mv(exchange),
+          "a WebSocket handshake was cancelled before its response arrived")](
+          kj::Exception&& e) mutable -> WebSocketResponse {
+    awaiting->failRequest("the previous WebSocket handshake failed: ", e);
     kj::throwFatalException(kj::mv(e));
-  }).attach(kj::defer([exchange = kj::mv(exchange)]() mutable {
-    if (!exchange->responded) {
-      exchange->fail(CloseKind::ABANDONED,
-          kj::str("a WebSocket handshake was cancelled before its response arrived"));
-    }
-  }));
+  });
 }
 
 kj::Own<kj::AsyncIoStream> StreamFetcher::release() {

@@ -143,6 +143,7 @@ private:
   class RequestBody;
   class ResponseBody;
   class IdleWatch;
+  class AwaitingResponse;
 
   struct Idle {
     kj::Own<FramedStream> stream;
