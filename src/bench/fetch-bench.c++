@@ -7,7 +7,8 @@
 //   (c) a new TCP connection and kj client per request
 //   (d) sockfetch::ConnectionPool, 32 requests in flight
 //   (e) kj's pooled client kj::newHttpClient(timer, table, address), 32 requests in flight
-// Modes are interleaved, round after round; each mode's figure is its median round. Then the heap
+// Modes are interleaved, round after round; each mode's figure is its median round, each ratio the
+// median of the rounds' own ratios (printed with their range, which shows the noise). Then the heap
 // bytes per idle pooled connection (glibc's mallinfo2 delta over N idle connections).
 
 #include <sockfetch/kj-compat.h>
@@ -71,9 +72,9 @@ public:
         .addOptionWithArg({"port"}, KJ_BIND_METHOD(*this, setPort), "<port>",
             "Upstream port on 127.0.0.1 (required).")
         .addOptionWithArg({"requests"}, KJ_BIND_METHOD(*this, setRequests), "<n>",
-            "Requests per mode per round (default 20000; the 64 KiB variant does a quarter).")
+            "Requests per mode per round (default 5000; the 64 KiB variant does a quarter).")
         .addOptionWithArg({"rounds"}, KJ_BIND_METHOD(*this, setRounds), "<n>",
-            "Rounds; modes are interleaved within each (default 5).")
+            "Rounds; modes are interleaved within each (default 15).")
         .addOptionWithArg({"idle"}, KJ_BIND_METHOD(*this, setIdle), "<n>",
             "Idle connections for the memory measurement (default 1000; 0 skips it).")
         .addOptionWithArg({"modes"}, KJ_BIND_METHOD(*this, setModes), "<letters>",
@@ -87,8 +88,8 @@ public:
 private:
   kj::ProcessContext& context;
   uint port = 0;
-  uint requests = 20000;
-  uint rounds = 5;
+  uint requests = 5000;
+  uint rounds = 15;
   uint idleConnections = 1000;
   bool enabled[5] = {true, true, true, true, true};
   bool smallOnly = false;
@@ -208,8 +209,9 @@ private:
     kj::Vector<double> rates;
     kj::Vector<double> latencies;
     double median() {
-      std::sort(rates.begin(), rates.end());
-      return rates[rates.size() / 2];
+      auto sorted = kj::heapArray<double>(rates.asPtr());
+      std::sort(sorted.begin(), sorted.end());
+      return sorted[sorted.size() / 2];
     }
   };
 
@@ -226,33 +228,49 @@ private:
       mode.rates.add(run.requestsPerSecond);
       mode.latencies.addAll(run.latencies);
     };
+    auto runMode = [&](uint mode) {
+      switch (mode) {
+        case 0: {
+          auto stream = env.address->connect().wait(env.io.waitScope);
+          auto client = kj::newHttpClient(env.table, *stream);
+          record(modes[0], sequential(env, *client, path, n));
+          break;
+        }
+        case 1: {
+          StreamFetcher fetcher(env.address->connect().wait(env.io.waitScope), env.table);
+          record(modes[1], sequential(env, fetcher, path, n));
+          KJ_REQUIRE(fetcher.getCompletedRequests() == n, "the connection was not reused",
+              fetcher.getCloseReason().orDefault("?"));
+          break;
+        }
+        case 2:
+          // A new connection per request is slower; a quarter of the requests is enough.
+          record(modes[2], newConnectionEach(env, path, kj::max(n / 4, 1u)));
+          break;
+        case 3: {
+          ConnectionPool::Settings settings;
+          settings.maxConnections = CONCURRENCY;
+          ConnectionPool pool(timer, env.table, *env.address, settings);
+          record(modes[3], concurrent(env, pool, path, n));
+          break;
+        }
+        case 4: {
+          auto client = kj::newHttpClient(timer, env.table, *env.address);
+          record(modes[4], concurrent(env, *client, path, n));
+          break;
+        }
+      }
+    };
     for (uint round = 0; round < rounds; round++) {
-      if (enabled[0]) {
-        auto stream = env.address->connect().wait(env.io.waitScope);
-        auto client = kj::newHttpClient(env.table, *stream);
-        record(modes[0], sequential(env, *client, path, n));
-      }
-      if (enabled[1]) {
-        StreamFetcher fetcher(env.address->connect().wait(env.io.waitScope), env.table);
-        record(modes[1], sequential(env, fetcher, path, n));
-        KJ_REQUIRE(fetcher.getCompletedRequests() == n, "the connection was not reused",
-            fetcher.getCloseReason().orDefault("?"));
-      }
-      // A new connection per request is slower; a quarter of the requests is enough.
-      if (enabled[2]) record(modes[2], newConnectionEach(env, path, kj::max(n / 4, 1u)));
-      if (enabled[3]) {
-        ConnectionPool::Settings settings;
-        settings.maxConnections = CONCURRENCY;
-        ConnectionPool pool(timer, env.table, *env.address, settings);
-        record(modes[3], concurrent(env, pool, path, n));
-      }
-      if (enabled[4]) {
-        auto client = kj::newHttpClient(timer, env.table, *env.address);
-        record(modes[4], concurrent(env, *client, path, n));
+      // Every other round runs the modes in reverse, so that a drift in the machine's speed
+      // during a round does not favour the modes that run first.
+      for (uint i = 0; i < 5; i++) {
+        uint mode = round % 2 == 0 ? i : 4 - i;
+        if (enabled[mode]) runMode(mode);
       }
     }
     context.warning(kj::str("\nbody ", path, ": ", n, " requests per mode per round (mode c: ",
-        kj::max(n / 4, 1u), "), ", rounds, " rounds, median round"));
+        kj::max(n / 4, 1u), "), ", rounds, " rounds (every other one in reverse order), median round"));
     context.warning(kj::str("  mode                                   req/s     p50 us    p99 us"));
     double rate[5];
     for (uint i = 0; i < 5; i++) {
@@ -267,11 +285,11 @@ private:
           pad(kj::str(uint(p50)), 10, true), pad(kj::str(uint(p99)), 10, true)));
     }
     if (enabled[0] && enabled[1]) {
-      ratio("b/a (StreamFetcher vs raw kj client)", rate[1] / rate[0], 0.95);
+      ratio("b/a (StreamFetcher vs raw kj client)", modes[1], modes[0], 0.95);
     }
-    if (enabled[1] && enabled[2]) ratio("b/c (reuse vs new connection)", rate[1] / rate[2], 2.0);
+    if (enabled[1] && enabled[2]) ratio("b/c (reuse vs new connection)", modes[1], modes[2], 2.0);
     if (enabled[3] && enabled[4]) {
-      ratio("d/e (ConnectionPool vs kj pool)", rate[3] / rate[4], 1.0);
+      ratio("d/e (ConnectionPool vs kj pool)", modes[3], modes[4], 1.0);
     }
   }
 
@@ -281,11 +299,18 @@ private:
     return right ? kj::str(spaces, text) : kj::str(text, spaces);
   }
 
-  void ratio(kj::StringPtr name, double value, double target) {
-    char text[32];
-    snprintf(text, sizeof(text), "%.3f", value);
-    context.warning(kj::str("  ratio ", pad(name, 40), text, "  (target >= ", target, ": ",
-        value >= target ? "met" : "MISSED", ")"));
+  void ratio(kj::StringPtr name, ModeResult& x, ModeResult& y, double target) {
+    // The median of the rounds' own ratios (each round's two figures were measured minutes
+    // apart at most, under the same load), and their range.
+    kj::Vector<double> ratios;
+    for (uint i = 0; i < x.rates.size(); i++) ratios.add(x.rates[i] / y.rates[i]);
+    std::sort(ratios.begin(), ratios.end());
+    double value = ratios[ratios.size() / 2];
+    char text[96];
+    snprintf(text, sizeof(text), "%.3f  (rounds %.3f-%.3f)", value, ratios.front(),
+        ratios.back());
+    context.warning(kj::str("  ratio ", pad(name, 40), text, "  target >= ", target, ": ",
+        value >= target ? "met" : "MISSED"));
   }
 
   static long heapInUse() {

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Runs fetch-bench against a local nginx that this script starts (installing Debian's nginx if it
 # is missing) and stops: one worker process, loopback only, a 13-byte and a 64 KiB body.
-#   bazel run -c opt //src/bench:fetch-bench [-- fetch-bench options]
+#   bazel run -c opt //src/bench:fetch-bench [-- [--one-cpu] fetch-bench options]
+# --one-cpu runs nginx and the benchmark on the same CPU (0): each request then costs the work
+# of both processes plus a context switch, instead of a wake-up across CPUs, which on a small VM
+# can cost more than all the work and hides it.
 set -euo pipefail
+
+pin=()
+if [[ ${1:-} == --one-cpu ]]; then
+  shift
+  pin=(taskset -c 0)
+fi
 
 bench=$(dirname "$0")/fetch-bench-main
 [[ -x $bench ]] || bench=$(find "${RUNFILES_DIR:-$0.runfiles}" -name fetch-bench-main -type f | head -1)
@@ -43,7 +52,7 @@ http {
 }
 CONF
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
-"$nginx" -c "$dir/nginx.conf" -e "$dir/error.log" &
+"${pin[@]}" "$nginx" -c "$dir/nginx.conf" -e "$dir/error.log" &
 nginx_pid=$!
 cleanup() { kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
@@ -51,5 +60,6 @@ for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.05
 done
-echo "upstream: $("$nginx" -v 2>&1), 1 worker, 127.0.0.1:$port" >&2
-"$bench" --port "$port" "$@"
+cpus="free to use any CPU"; [[ ${#pin[@]} -gt 0 ]] && cpus="it and the benchmark on CPU 0"
+echo "upstream: $("$nginx" -v 2>&1), 1 worker, 127.0.0.1:$port, $cpus" >&2
+"${pin[@]}" "$bench" --port "$port" "$@"

@@ -24,10 +24,11 @@ inline char lower(char c) {
   return 'A' <= c && c <= 'Z' ? c - 'A' + 'a' : c;
 }
 
-inline bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr b) {
-  if (a.size() != b.size()) return false;
+inline bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr lowerCase) {
+  // `lowerCase` is a lower-case literal.
+  if (a.size() != lowerCase.size()) return false;
   for (size_t i = 0; i < a.size(); i++) {
-    if (lower(a[i]) != lower(b[i])) return false;
+    if (lower(a[i]) != lowerCase[i]) return false;
   }
   return true;
 }
