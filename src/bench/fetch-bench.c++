@@ -74,7 +74,7 @@ public:
         .addOptionWithArg({"requests"}, KJ_BIND_METHOD(*this, setRequests), "<n>",
             "Requests per mode per round (default 5000; the 64 KiB variant does a quarter).")
         .addOptionWithArg({"rounds"}, KJ_BIND_METHOD(*this, setRounds), "<n>",
-            "Rounds; modes are interleaved within each (default 15).")
+            "Rounds; modes are interleaved within each (default 21).")
         .addOptionWithArg({"idle"}, KJ_BIND_METHOD(*this, setIdle), "<n>",
             "Idle connections for the memory measurement (default 1000; 0 skips it).")
         .addOptionWithArg({"modes"}, KJ_BIND_METHOD(*this, setModes), "<letters>",
@@ -89,7 +89,7 @@ private:
   kj::ProcessContext& context;
   uint port = 0;
   uint requests = 5000;
-  uint rounds = 15;
+  uint rounds = 21;
   uint idleConnections = 1000;
   bool enabled[5] = {true, true, true, true, true};
   bool smallOnly = false;

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Runs fetch-bench against a local nginx that this script starts (installing Debian's nginx if it
 # is missing) and stops: one worker process, loopback only, a 13-byte and a 64 KiB body.
-#   bazel run -c opt //src/bench:fetch-bench [-- [--one-cpu] fetch-bench options]
-# --one-cpu runs nginx and the benchmark on the same CPU (0): each request then costs the work
-# of both processes plus a context switch, instead of a wake-up across CPUs, which on a small VM
-# can cost more than all the work and hides it.
+#   bazel run -c opt //src/bench:fetch-bench [-- [--cpus=any|one|both] fetch-bench options]
+# Two passes by default: `any` lets nginx and the benchmark run on any CPU (as deployed); `one`
+# puts both on CPU 0, so that a request costs the work of both processes plus a context switch
+# rather than a wake-up across CPUs, which on a small VM can cost more than all the work and hide
+# it. The heap measurement runs in the first pass only.
 set -euo pipefail
 
-pin=()
-if [[ ${1:-} == --one-cpu ]]; then
+cpus=both
+if [[ ${1:-} == --cpus=* ]]; then
+  cpus=${1#--cpus=}
   shift
-  pin=(taskset -c 0)
 fi
+case $cpus in any|one|both) ;; *) echo "fetch-bench: --cpus must be any, one or both" >&2; exit 2;; esac
 
 bench=$(dirname "$0")/fetch-bench-main
 [[ -x $bench ]] || bench=$(find "${RUNFILES_DIR:-$0.runfiles}" -name fetch-bench-main -type f | head -1)
@@ -52,7 +54,7 @@ http {
 }
 CONF
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
-"${pin[@]}" "$nginx" -c "$dir/nginx.conf" -e "$dir/error.log" &
+"$nginx" -c "$dir/nginx.conf" -e "$dir/error.log" &
 nginx_pid=$!
 cleanup() { kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
@@ -60,6 +62,23 @@ for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.05
 done
-cpus="free to use any CPU"; [[ ${#pin[@]} -gt 0 ]] && cpus="it and the benchmark on CPU 0"
-echo "upstream: $("$nginx" -v 2>&1), 1 worker, 127.0.0.1:$port, $cpus" >&2
-"${pin[@]}" "$bench" --port "$port" "$@"
+echo "upstream: $("$nginx" -v 2>&1), 1 worker, 127.0.0.1:$port" >&2
+
+pass() {
+  local which=$1
+  shift
+  if [[ $which == one ]]; then
+    for pid in "$nginx_pid" $(pgrep -P "$nginx_pid"); do taskset -p -c 0 "$pid" >/dev/null; done
+    echo -e "\n=== pass: nginx and the benchmark on CPU 0 ===" >&2
+    taskset -c 0 "$bench" --port "$port" "$@"
+  else
+    echo -e "\n=== pass: nginx and the benchmark free to use any CPU ===" >&2
+    "$bench" --port "$port" "$@"
+  fi
+}
+
+case $cpus in
+  any) pass any "$@" ;;
+  one) pass one "$@" ;;
+  both) pass any "$@"; pass one "$@" --idle 0 ;;
+esac

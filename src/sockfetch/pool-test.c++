@@ -244,6 +244,62 @@ KJ_TEST("ConnectionPool sends a request that waited with the caller's exact url 
   KJ_EXPECT(seen[1] == kj::str("GET /x?q=a%20b HTTP/1.1\r\n", OWN_HEADERS), seen[1]);
 }
 
+struct OtherTableEnv {
+  // A pool whose header table registers X-Dup and X-Empty, and a caller whose table does not
+  // (a proxy passing on headers parsed with its server's table, say).
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::WaitScope& ws = io.waitScope;
+  kj::Own<kj::HttpHeaderTable> poolTable;
+  kj::HttpHeaderTable callerTable;
+  kj::Vector<kj::String> seen;
+  kj::Own<ScriptedServer> server;
+  kj::Own<kj::NetworkAddress> address;
+  kj::Own<ConnectionPool> pool;
+
+  OtherTableEnv() {
+    kj::HttpHeaderTable::Builder builder;
+    builder.add("X-Dup");
+    builder.add("X-Empty");
+    poolTable = builder.build();
+    server = kj::heap<ScriptedServer>(io, "127.0.0.1"_kj,
+        [this](unsigned, unsigned, kj::StringPtr text) {
+      seen.add(kj::str(text));
+      return ok("no");
+    });
+    address = server->address();
+    pool = kj::heap<ConnectionPool>(io.provider->getTimer(), *poolTable, *address);
+  }
+
+  kj::HttpHeaders callerHeaders() {
+    kj::HttpHeaders h(callerTable);
+    h.set(kj::HttpHeaderId::HOST, "upstream.test");
+    h.add("X-Dup", "1");
+    h.add("X-Dup", "2");
+    h.add("X-Empty", "");
+    h.add("X-Last", "z");
+    return h;
+  }
+};
+
+constexpr kj::StringPtr CALLER_HEADERS =
+    "Host: upstream.test\r\nX-Dup: 1\r\nX-Dup: 2\r\nX-Empty: \r\nX-Last: z\r\n"_kj;
+
+KJ_TEST("ConnectionPool sends the caller's headers as they are, whatever table they use") {
+  OtherTableEnv env;
+  {
+    auto request = env.pool->request(kj::HttpMethod::GET, "/new", env.callerHeaders());
+    request.body = nullptr;
+    auto response = request.response.wait(env.ws);  // on a new connection: sent from the copy
+    KJ_EXPECT(response.body->readAllText().wait(env.ws) == "no");
+  }
+  auto response = env.pool->openWebSocket("/ws", env.callerHeaders()).wait(env.ws);
+  auto& body = KJ_ASSERT_NONNULL(response.webSocketOrBody.tryGet<kj::Own<kj::AsyncInputStream>>());
+  KJ_EXPECT(body->readAllText().wait(env.ws) == "no");
+  KJ_ASSERT(env.seen.size() == 2);
+  KJ_EXPECT(env.seen[0] == kj::str("GET /new HTTP/1.1\r\n", CALLER_HEADERS, "\r\n"), env.seen[0]);
+  KJ_EXPECT(strstr(env.seen[1].cStr(), CALLER_HEADERS.cStr()) != nullptr, env.seen[1]);
+}
+
 KJ_TEST("ConnectionPool does not retry a POST that hit a stale connection") {
   Env env(closeOnSecond);
   KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");

@@ -67,11 +67,15 @@ public:
 
   kj::StringPtr getUrl() const { return kj::StringPtr(text.begin(), urlSize); }
 
-  const kj::HttpHeaders& getHeaders(const kj::HttpHeaderTable& table) {
+  const kj::HttpHeaders& getHeaders() {
     KJ_IF_SOME(h, headers) {
       return *h;
     }
-    auto h = kj::heap<kj::HttpHeaders>(table);
+    // A table of kj's built-in headers only (whose ids every table shares): every other header
+    // stays unindexed, in the order forEach() gave it, so repeats, empty values and spelling are
+    // kept and the copy is sent exactly as the original, whatever table the caller's headers use.
+    static const kj::HttpHeaderTable builtInsOnly;
+    auto h = kj::heap<kj::HttpHeaders>(builtInsOnly);
     const char* pos = text.begin() + urlSize + 1;
     auto take = [&pos]() {
       kj::StringPtr s(pos, strlen(pos));
@@ -258,7 +262,7 @@ public:
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
-    auto& headers = copy.getHeaders(pool().table);
+    auto& headers = copy.getHeaders();
     return send(kj::mv(connection), copy.getUrl(), headers);
   }
 
@@ -420,7 +424,7 @@ public:
 class ConnectionPool::WebSocketAttempt final: public kj::Refcounted {
 public:
   WebSocketAttempt(ConnectionPool& pool, kj::StringPtr url, const kj::HttpHeaders& headers)
-      : life(kj::addRef(*pool.life)), table(pool.table), copy(url, headers) {}
+      : life(kj::addRef(*pool.life)), copy(url, headers) {}
 
   kj::Promise<WebSocketResponse> start(bool fresh) {
     KJ_IF_SOME(p, life->pool) {
@@ -434,7 +438,6 @@ public:
 
 private:
   kj::Own<Life> life;
-  const kj::HttpHeaderTable& table;
   RequestCopy copy;
   bool retried = false;
 
@@ -443,7 +446,7 @@ private:
     bool reused = connection->uses > 0;
     kj::Maybe<kj::Promise<WebSocketResponse>> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
-      started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders(table));
+      started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
       return retryOrThrow(kj::mv(e), false, false);
