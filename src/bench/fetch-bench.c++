@@ -270,7 +270,8 @@ private:
       }
     }
     context.warning(kj::str("\nbody ", path, ": ", n, " requests per mode per round (mode c: ",
-        kj::max(n / 4, 1u), "), ", rounds, " rounds (every other one in reverse order), median round"));
+        kj::max(n / 4, 1u), "), ", rounds,
+        " rounds (every other one in reverse order), median round"));
     context.warning(kj::str("  mode                                   req/s     p50 us    p99 us"));
     double rate[5];
     for (uint i = 0; i < 5; i++) {

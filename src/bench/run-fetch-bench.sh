@@ -13,7 +13,10 @@ if [[ ${1:-} == --cpus=* ]]; then
   cpus=${1#--cpus=}
   shift
 fi
-case $cpus in any|one|both) ;; *) echo "fetch-bench: --cpus must be any, one or both" >&2; exit 2;; esac
+if [[ $cpus != any && $cpus != one && $cpus != both ]]; then
+  echo "fetch-bench: --cpus must be any, one or both" >&2
+  exit 2
+fi
 
 bench=$(dirname "$0")/fetch-bench-main
 [[ -x $bench ]] || bench=$(find "${RUNFILES_DIR:-$0.runfiles}" -name fetch-bench-main -type f | head -1)
