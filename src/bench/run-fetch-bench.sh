@@ -9,10 +9,11 @@
 set -euo pipefail
 
 cpus=both
-if [[ ${1:-} == --cpus=* ]]; then
-  cpus=${1#--cpus=}
-  shift
-fi
+args=()
+for arg in "$@"; do
+  if [[ $arg == --cpus=* ]]; then cpus=${arg#--cpus=}; else args+=("$arg"); fi
+done
+set -- "${args[@]}"
 if [[ $cpus != any && $cpus != one && $cpus != both ]]; then
   echo "fetch-bench: --cpus must be any, one or both" >&2
   exit 2
