@@ -385,8 +385,7 @@ void StreamFetcher::Exchange::succeed() {
     return fail(CloseKind::UNSOLICITED_BYTES, kj::str("the server sent ", framer.residueSize(),
         " bytes after the end of the response, so the connection was dropped as poisoned"));
   }
-  done = true;
-  if (responseBody == nullptr) client = nullptr;  // else the body keeps this exchange
+  done = true;  // the client stays: the response body (our caller) keeps this exchange
   KJ_IF_SOME(f, fetcher) {
     fetcher = nullptr;
     f.exchangeSucceeded(kj::mv(stream));
