@@ -98,7 +98,6 @@ public:
                                    // over, kept (detached) as long as the response body, since the
                                    // response's status text and headers live in its buffer.
   kj::Maybe<RequestBody&> requestBody;
-  kj::Maybe<ResponseBody&> responseBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // fixed-length bodies only
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
@@ -181,12 +180,9 @@ private:
 class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
 public:
   ResponseBody(kj::Own<Exchange> exchangeParam, kj::HttpClient::Response& response)
-      : exchange(kj::mv(exchangeParam)), inner(kj::mv(response.body)) {
-    exchange->responseBody = *this;
-  }
+      : exchange(kj::mv(exchangeParam)), inner(kj::mv(response.body)) {}
 
   ~ResponseBody() noexcept(false) {
-    exchange->responseBody = nullptr;
     if (!atEnd) {
       exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
     }
@@ -286,7 +282,6 @@ private:
       kj::throwFatalException(kj::mv(e));
     });
   }
-
 };
 
 // =================================================================================================
