@@ -101,6 +101,66 @@ void watchesIdle(bool tcp) {
   sent.wait(io.waitScope);
 }
 
+void oldViewIsInert(bool tcp) {
+  // A kj::HttpClient is kept past its exchange (its buffer holds the response headers): the view
+  // it reads and writes through must not reach the next exchange's bytes.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits(),
+      io.provider->getTimer());
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  IgnoreLoss listener;
+  constexpr kj::StringPtr REQUEST = "GET / HTTP/1.1\r\nHost: test\r\n\r\n"_kj;
+  constexpr kj::StringPtr RESPONSE = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"_kj;
+  char buffer[64];
+
+  stream.watchIdle(listener);
+  KJ_EXPECT(stream.checkIdleNow() == nullptr);
+  stream.beginExchange(kj::HttpMethod::GET);
+  auto old = kj::heap<FramedStream::ExchangeView>(stream);
+  auto request = writeAll(*old, REQUEST.asBytes());
+  peer.readRequest();
+  request.wait(io.waitScope);
+  auto sent = peer.sendLater(RESPONSE);
+  size_t got = 0;
+  while (got < RESPONSE.size()) {
+    got += old->tryRead(buffer + got, 1, sizeof(buffer) - got).wait(io.waitScope);
+  }
+  sent.wait(io.waitScope);
+  stream.watchIdle(listener);  // the exchange is over
+
+  auto oldRead = old->tryRead(buffer, 1, sizeof(buffer));
+  KJ_EXPECT_THROW_MESSAGE("this exchange is over",
+      writeAll(*old, "x"_kj.asBytes()).wait(io.waitScope));
+
+  // The next exchange's response goes to its own view only.
+  KJ_EXPECT(stream.checkIdleNow() == nullptr);
+  stream.beginExchange(kj::HttpMethod::GET);
+  FramedStream::ExchangeView next(stream);
+  auto request2 = writeAll(next, REQUEST.asBytes());
+  peer.readRequest();
+  request2.wait(io.waitScope);
+  KJ_EXPECT_THROW_MESSAGE("this exchange is over",
+      writeAll(*old, "x"_kj.asBytes()).wait(io.waitScope));
+  auto sent2 = peer.sendLater(RESPONSE);
+  got = 0;
+  while (got < RESPONSE.size()) {
+    got += next.tryRead(buffer + got, 1, sizeof(buffer) - got).wait(io.waitScope);
+  }
+  sent2.wait(io.waitScope);
+  KJ_EXPECT(kj::heapString(buffer, got) == RESPONSE);
+  KJ_EXPECT(!oldRead.poll(io.waitScope));
+  KJ_EXPECT(!old->tryRead(buffer, 1, sizeof(buffer)).poll(io.waitScope));
+}
+
+KJ_TEST("FramedStream: an exchange's view cannot touch the next exchange (pipe)") {
+  oldViewIsInert(false);
+}
+
+KJ_TEST("FramedStream: an exchange's view cannot touch the next exchange (tcp)") {
+  oldViewIsInert(true);
+}
+
 KJ_TEST("FramedStream watches an idle connection, asked or not (pipe)") {
   watchesIdle(false);
 }
