@@ -114,6 +114,31 @@ KJ_TEST("ResponseFramer knows HEAD, 204 and 304 have no body") {
   KJ_EXPECT(feed(framer, {"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"_kj}).complete);
 }
 
+KJ_TEST("ResponseFramer knows when the end of a body is the end of the response") {
+  // StreamFetcher relies on it: only a chunked body can end (for kj-http) before its response.
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::GET);
+  KJ_EXPECT(!framer.endsWithBody());  // no head yet
+  feed(framer, {"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"_kj});
+  KJ_EXPECT(framer.endsWithBody());
+  feed(framer, {"c"_kj});
+  KJ_EXPECT(framer.isComplete() && framer.endsWithBody());
+  framer.finish();
+
+  framer.start(kj::HttpMethod::GET);
+  feed(framer, {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"_kj});
+  KJ_EXPECT(!framer.endsWithBody());
+  feed(framer, {"0\r\nX-Trailer: 1\r\n"_kj});
+  KJ_EXPECT(!framer.endsWithBody());  // kj-http's body has ended; the response has not
+  feed(framer, {"\r\n"_kj});
+  KJ_EXPECT(framer.isComplete() && framer.endsWithBody());
+  framer.finish();
+
+  framer.start(kj::HttpMethod::GET);
+  feed(framer, {"HTTP/1.1 200 OK\r\n\r\nuntil the end"_kj});
+  KJ_EXPECT(framer.endsWithBody());
+}
+
 KJ_TEST("ResponseFramer explains why a response forbids reuse") {
   struct Case {
     kj::StringPtr response;

@@ -240,6 +240,18 @@ bool ResponseFramer::mayGrow() const {
   }
 }
 
+bool ResponseFramer::endsWithBody() const {
+  switch (state) {
+    case State::CHUNK_LINE:
+    case State::CHUNK_DATA:
+    case State::CHUNK_CRLF:
+    case State::TRAILERS:
+      return false;
+    default:
+      return headParsed;
+  }
+}
+
 kj::Maybe<kj::StringPtr> ResponseFramer::whyNotReusable() const {
   if (!headParsed) return "no complete response was received"_kj;
   if (head.status == 101) return "the connection was upgraded to another protocol"_kj;

@@ -91,13 +91,17 @@ public:
   // The final response has no body at all (HEAD, 204, 304, Content-Length: 0).
 
   bool hasHead() const { return headParsed; }
+  // Whether the final response's header block has been parsed.
+
+  bool endsWithBody() const;
+  // For a response whose head was parsed: nothing can follow the last byte of its body (no
+  // chunked terminator or trailers), so a reader that saw the body end saw the response end.
 
   bool saidClose() const { return headParsed && head.connectionClose; }
   // The final response carried `Connection: close`.
 
   bool hasReceivedAny() const { return receivedAny; }
   // Whether any byte arrived since start().
-  // Whether the final response's header block has been parsed.
 
   kj::Maybe<kj::StringPtr> whyNotReusable() const;
   // For a response whose head was parsed: why the connection must not carry another request after

@@ -193,7 +193,7 @@ public:
     // For a response without a body: it ends right away (and synchronously: the framer already
     // holds the complete response).
     KJ_ASSERT(exchange->stream->getFramer().isComplete());
-    KJ_ASSERT(reachedEnd() == nullptr);
+    KJ_ASSERT(endedAtOnce());
   }
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
@@ -203,27 +203,31 @@ public:
     }
     KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
     setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
-    return inner->tryRead(buffer, minBytes, maxBytes)
-        .then([this, minBytes](size_t n) -> kj::Promise<size_t> {
+    auto read = inner->tryRead(buffer, minBytes, maxBytes);
+    if (exchange->done || exchange->stream->getFramer().endsWithBody()) {
+      // The usual case: when kj's body ends, the framer has seen the whole response, so the end
+      // completes the exchange at once, and the read needs no promise of its own for it.
+      return read.then([this, minBytes](size_t n) -> size_t {
+        setBodyBuffer(nullptr);
+        if (isEnd(n, minBytes)) reachedEndNow();
+        return n;
+      }, [this](kj::Exception&& e) -> size_t {
+        readFailed(e);
+        kj::throwFatalException(kj::mv(e));
+      });
+    }
+    // Chunked: kj's body ends at the last chunk's size line; the trailers and the final CRLF may
+    // still be on their way, and the end is reported only once they have arrived.
+    return read.then([this, minBytes](size_t n) -> kj::Promise<size_t> {
       setBodyBuffer(nullptr);
-      // A short read is the end; so is a fixed-length body with nothing left (a reader that
-      // asked for exactly the remaining length will not ask again).
-      bool end = n < minBytes;
-      if (!end) {
-        KJ_IF_SOME(left, inner->tryGetLength()) {
-          end = left == 0;
-        }
-      }
-      if (!end) return n;
+      if (!isEnd(n, minBytes)) return n;
       auto rest = reachedEnd();
       KJ_IF_SOME(promise, rest) {
         return promise.then([n]() { return n; });
       }
       return n;
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
-      setBodyBuffer(nullptr);
-      exchange->fail(CloseKind::FAILED,
-          kj::str("reading the previous response body failed: ", e.getDescription()));
+      readFailed(e);
       return kj::mv(e);
     });
     // A cancelled read leaves the body buffer set: harmless, as kj-http's own reads never go into
@@ -242,36 +246,49 @@ private:
   kj::Maybe<kj::Exception> readFailure;
   bool atEnd = false;
 
+  bool isEnd(size_t n, size_t minBytes) {
+    // A short read is the end; so is a fixed-length body with nothing left (a reader that asked
+    // for exactly the remaining length will not ask again).
+    if (n < minBytes) return true;
+    KJ_IF_SOME(left, inner->tryGetLength()) {
+      return left == 0;
+    }
+    return false;
+  }
+
+  void readFailed(const kj::Exception& e) {
+    setBodyBuffer(nullptr);
+    exchange->fail(CloseKind::FAILED,
+        kj::str("reading the previous response body failed: ", e.getDescription()));
+  }
+
+  void reachedEndNow() {
+    // reachedEnd() for a body whose end is the response's end (see tryRead()), without a promise.
+    if (endedAtOnce()) return;
+    auto& framer = exchange->stream->getFramer();
+    KJ_IF_SOME(failure, framer.getFailure()) {
+      auto e = cloneException(failure);
+      exchange->fail(CloseKind::FAILED,
+          kj::str("the previous response was malformed: ", e.getDescription()));
+      readFailure = cloneException(e);
+      kj::throwFatalException(kj::mv(e));
+    }
+    // kj-http saw the end of the body before the framer did: the two disagree about where this
+    // response ends, so the connection must not carry another request.
+    atEnd = true;
+    exchange->failNotReusable(
+        "kj-http and the framer disagreed about where the response body ends");
+  }
+
   void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) {
     // The connection moves on (and the exchange lets go of it) once the body is over.
     if (exchange->stream.get() != nullptr) exchange->stream->setBodyBuffer(buffer);
   }
 
   kj::Maybe<kj::Promise<void>> reachedEnd() {
-    // kj's body is done with the connection; drop it before the client goes. Null when the
-    // exchange is over at once (the usual case), else a promise for the rest of the response.
-    inner = nullptr;
-    if (exchange->done) {
-      // Already failed (or upgraded): nothing more to finish.
-      atEnd = true;
-      return nullptr;
-    }
-    auto& framer = exchange->stream->getFramer();
-    if (framer.isComplete()) {
-      atEnd = true;
-      exchange->succeed();
-      return nullptr;
-    }
-    if (framer.getFailure() == nullptr) {
-      KJ_IF_SOME(why, framer.whyNotReusable()) {
-        // kj-http saw the end of the body before the framer did (they read the head differently,
-        // or the body is delimited by the connection closing): the connection cannot be reused
-        // anyway, so do not wait for the rest.
-        atEnd = true;
-        exchange->failNotReusable(why);
-        return nullptr;
-      }
-    }
+    // kj's body is done with the connection. Null when the exchange is over at once (the usual
+    // case), else a promise for the rest of the response.
+    if (endedAtOnce()) return nullptr;
     return exchange->stream->finishResponse().then([this]() {
       atEnd = true;
       exchange->succeed();
@@ -281,6 +298,34 @@ private:
       readFailure = cloneException(e);
       kj::throwFatalException(kj::mv(e));
     });
+  }
+
+  bool endedAtOnce() {
+    // Drops kj's body (before the client it points into goes) and ends the exchange if nothing
+    // more of the response needs to be read; false if something does.
+    inner = nullptr;
+    if (exchange->done) {
+      // Already failed (or upgraded): nothing more to finish.
+      atEnd = true;
+      return true;
+    }
+    auto& framer = exchange->stream->getFramer();
+    if (framer.isComplete()) {
+      atEnd = true;
+      exchange->succeed();
+      return true;
+    }
+    if (framer.getFailure() == nullptr) {
+      KJ_IF_SOME(why, framer.whyNotReusable()) {
+        // kj-http saw the end of the body before the framer did (they read the head differently,
+        // or the body is delimited by the connection closing): the connection cannot be reused
+        // anyway, so do not wait for the rest.
+        atEnd = true;
+        exchange->failNotReusable(why);
+        return true;
+      }
+    }
+    return false;
   }
 };
 
