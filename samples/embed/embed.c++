@@ -127,7 +127,8 @@ public:
         poolSettings.maxConnections, " connections): connections opened ",
         stats.connectionsOpened, " (server accepted ", accepted - acceptedBefore, "), reuses ",
         stats.reuses, ", waits ", stats.waits, ", retries ", stats.retries, ", dropped ",
-        stats.droppedFailed + stats.droppedAbandoned + stats.droppedConnectionClose +
+        stats.droppedFailed + stats.droppedStale + stats.droppedAbandoned +
+            stats.droppedConnectionClose +
             stats.droppedUnsolicitedBytes + stats.droppedPeerClosedIdle,
         ", idle now ", pool.getIdleCount()));
     if (stats.connectionsOpened > poolSettings.maxConnections) {

@@ -166,7 +166,47 @@ KJ_TEST("ConnectionPool retries a GET that hit a stale connection, once, on a ne
   KJ_EXPECT(stats.retries == 1);
   KJ_EXPECT(stats.connectionsOpened == 2);
   KJ_EXPECT(env.server->accepted == 2);
-  KJ_EXPECT(stats.droppedFailed == 1);
+  KJ_EXPECT(stats.droppedStale == 1);
+  KJ_EXPECT(stats.droppedFailed == 0);
+}
+
+KJ_TEST("ConnectionPool closes a connection that comes back to make room for a retry") {
+  // Two connections, both busy, one request waiting: the request that hits a stale connection
+  // must retry on a new one, and gets it when the other connection comes back (which is closed
+  // for it, not reused). Each close is counted under its own reason.
+  ConnectionPool::Settings settings;
+  settings.maxConnections = 2;
+  Env env([](unsigned, unsigned request, kj::StringPtr text) {
+    if (text.startsWith("GET /stale ") && request > 0) {
+      Reply reply;
+      reply.closeAfter = true;  // the keep-alive race: closed without a word
+      return reply;
+    }
+    auto reply = echoPath(text);
+    if (text.startsWith("GET /slow ")) reply.delay = 50 * kj::MILLISECONDS;
+    return reply;
+  }, kj::mv(settings));
+  {
+    auto a = env.get("/a");
+    auto b = env.get("/b");
+    KJ_EXPECT(a.wait(env.ws) == "/a");
+    KJ_EXPECT(b.wait(env.ws) == "/b");
+  }
+  KJ_ASSERT(env.pool->getIdleCount() == 2);
+  auto slow = env.get("/slow");
+  auto stale = env.get("/stale");
+  auto waiting = env.get("/waiting");
+  KJ_EXPECT(stale.wait(env.ws) == "/stale");
+  KJ_EXPECT(slow.wait(env.ws) == "/slow");
+  KJ_EXPECT(waiting.wait(env.ws) == "/waiting");
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.retries == 1);
+  KJ_EXPECT(stats.droppedStale == 1);
+  KJ_EXPECT(stats.droppedForRetry == 1, stats.droppedForRetry);
+  KJ_EXPECT(stats.droppedFailed == 0);
+  KJ_EXPECT(stats.droppedIdleLimit == 0);
+  KJ_EXPECT(stats.connectionsOpened == 4, stats.connectionsOpened);
+  KJ_EXPECT(env.server->pipelined == 0);
 }
 
 KJ_TEST("ConnectionPool retries a WebSocket handshake that hit a stale connection") {

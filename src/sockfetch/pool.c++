@@ -633,7 +633,7 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fr
   }
   if (getOpenCount() >= settings.maxConnections && fresh && !idle.empty()) {
     // Make room for the new connection a retry needs: close the least recently used idle one.
-    closeIdle(0, &Stats::droppedIdleLimit);
+    closeIdle(0, &Stats::droppedForRetry);
   }
   if (getOpenCount() < settings.maxConnections) return connect();
 
@@ -719,7 +719,7 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     if (!waiter.fulfiller->isWaiting()) continue;
     if (waiter.fresh) {
       // A retry must not reuse: close this one and open a new connection for it.
-      retire(connection, &Stats::droppedIdleLimit);
+      retire(connection, &Stats::droppedForRetry);
       connectFor(kj::mv(waiter.fulfiller));
       return;
     }
@@ -767,7 +767,13 @@ void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
 
 void ConnectionPool::connectionClosed(Connection& connection) {
   // Called from within the fetcher (possibly from its idle watch): defer any destruction.
-  countClose(connection.fetcher->getCloseKind());
+  auto& fetcher = *connection.fetcher;
+  if (fetcher.getCloseKind() == StreamFetcher::CloseKind::FAILED &&
+      fetcher.getCompletedRequests() > 0 && !fetcher.lastExchangeReceivedResponse()) {
+    ++stats.droppedStale;
+  } else {
+    countClose(fetcher.getCloseKind());
+  }
   connection.detach();
   for (size_t i = 0; i < idle.size(); i++) {
     if (idle[i].get() == &connection) {

@@ -78,11 +78,15 @@ public:
     uint64_t droppedUpgraded = 0;         // 101 (WebSocket)
     uint64_t droppedAbandoned = 0;        // a body dropped early, a request cancelled
     uint64_t droppedRequestIncomplete = 0;// response ended before the request was sent
-    uint64_t droppedFailed = 0;           // the exchange failed (I/O error, malformed response)
+    uint64_t droppedStale = 0;            // a reused connection failed before any response byte:
+                                          // the server had closed it (the keep-alive race)
+    uint64_t droppedFailed = 0;           // any other failed exchange (I/O error, malformed
+                                          // response)
     uint64_t droppedIdleTimeout = 0;      // idle longer than Settings::idleTimeout
     uint64_t droppedIdleLimit = 0;        // more idle connections than Settings allows
     uint64_t droppedMaxRequests = 0;      // served Settings::maxRequestsPerConnection
     uint64_t droppedNeverReuse = 0;       // Settings::neverReuse
+    uint64_t droppedForRetry = 0;         // closed to make room for a retry's new connection
   };
 
   ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, Connector connector,
