@@ -138,8 +138,10 @@ void ResponseFramer::start(kj::HttpMethod requestMethod) {
 }
 
 void ResponseFramer::compact() {
-  // A partly received line may have been passed on already; keep it for the parser.
-  bool inLine = state == State::HEAD || state == State::CHUNK_LINE || state == State::TRAILERS;
+  // Keep the line being parsed from its start: the parser looks back at it (a chunk-size line or
+  // a trailer line may not be complete yet; after chunk data, a CR may have been seen already).
+  bool inLine = state == State::HEAD || state == State::CHUNK_LINE || state == State::TRAILERS ||
+      state == State::CHUNK_CRLF;
   size_t shift = inLine ? kj::min(begin, lineStart) : begin;
   if (shift == 0) return;
   memmove(buffer.begin(), buffer.begin() + shift, end - shift);
@@ -396,6 +398,7 @@ void ResponseFramer::parse() {
       }
 
       case State::CHUNK_LINE: {
+        // Passed on only once complete, and then as kj-http 0.9.2 can read it.
         auto nl = reinterpret_cast<const char*>(
             memchr(chars + parsed, '\n', end - parsed));
         if (nl == nullptr) {
@@ -403,11 +406,15 @@ void ResponseFramer::parse() {
           if (parsed - lineStart > limits.maxChunkLineBytes) {
             kj::throwFatalException(malformed("chunk-size line too long"));
           }
-          limit = parsed;
           break;
         }
         size_t lineEnd = nl - chars;
-        parseChunkLine(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
+        if (lineEnd - lineStart > limits.maxChunkLineBytes) {
+          kj::throwFatalException(malformed("chunk-size line too long"));
+        }
+        auto digits = parseChunkLine(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
+        lineEnd -= keepOnly(digits.begin() - chars, digits.size(),
+            lineEnd > lineStart && chars[lineEnd - 1] == '\r' ? lineEnd - 1 : lineEnd);
         parsed = lineEnd + 1;
         limit = parsed;
         lineStart = parsed;
@@ -588,8 +595,8 @@ void ResponseFramer::parseStatusLine(kj::ArrayPtr<const char> statusLine) {
   head.status = status;
 }
 
-void ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {
-  // chunk-size [ chunk-ext ] CRLF, where chunk-size is hex.
+kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {
+  // chunk-size [ chunk-ext ] CRLF, where chunk-size is hex. Returns the size's digits.
   auto text = trim(line);
   size_t i = 0;
   uint64_t size = 0;
@@ -613,6 +620,21 @@ void ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {
     kj::throwFatalException(malformed("invalid chunk-size line"));
   }
   remaining = size;
+  return text.slice(0, i);
+}
+
+size_t ResponseFramer::keepOnly(size_t from, size_t size, size_t lineEnd) {
+  // Rewrites the line at lineStart, which ends at `lineEnd` (its CR or LF), to just the `size`
+  // bytes at `from`, followed by what follows. kj-http 0.9.2 rejects any chunk extension (and
+  // whitespace) in a chunk-size line, where RFC 9112 7.1.1 says to ignore extensions. Returns
+  // how many bytes were removed.
+  size_t removed = (lineEnd - lineStart) - size;
+  if (removed == 0) return 0;
+  auto* bytes = buffer.begin();
+  memmove(bytes + lineStart, bytes + from, size);
+  memmove(bytes + lineStart + size, bytes + lineEnd, end - lineEnd);
+  end -= removed;
+  return removed;
 }
 
 bool ResponseFramer::parseTrailerLine() {
@@ -621,7 +643,9 @@ bool ResponseFramer::parseTrailerLine() {
   if (nl == nullptr) {
     trailerBytes += end - parsed;
     parsed = end;
-    if (trailerBytes > limits.maxTrailerBytes) {
+    // The blank line that ends the section is not counted: until more arrives, this may be it.
+    bool mayBeLast = trim(kj::arrayPtr(chars + lineStart, end - lineStart)).size() == 0;
+    if (trailerBytes > limits.maxTrailerBytes && !mayBeLast) {
       kj::throwFatalException(malformed("trailer section too large"));
     }
     if (end - lineStart > limits.maxChunkLineBytes) {
@@ -635,14 +659,21 @@ bool ResponseFramer::parseTrailerLine() {
     kj::throwFatalException(malformed("trailer line too long"));
   }
   auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
-  parsed = lineEnd + 1;
-  lineStart = parsed;
   if (line.size() == 0) {
+    parsed = lineEnd + 1;
+    lineStart = parsed;
     messageEnd = parsed;
     state = State::COMPLETE;
-  } else if (trailerBytes > limits.maxTrailerBytes) {
+    return true;
+  }
+  if (trailerBytes > limits.maxTrailerBytes) {
     kj::throwFatalException(malformed("trailer section too large"));
   }
+  // Trailers are never passed on: drop the line, so that the buffer holds at most one of them
+  // (the trailer section's limit may exceed the buffer's).
+  memmove(buffer.begin() + lineStart, buffer.begin() + lineEnd + 1, end - (lineEnd + 1));
+  end -= lineEnd + 1 - lineStart;
+  parsed = lineStart;
   return true;
 }
 

@@ -175,7 +175,8 @@ private:
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);
-  void parseChunkLine(kj::ArrayPtr<const char> line);
+  kj::ArrayPtr<const char> parseChunkLine(kj::ArrayPtr<const char> line);
+  size_t keepOnly(size_t from, size_t size, size_t lineEnd);
   bool parseTrailerLine();
   void compact();
 };
