@@ -106,6 +106,13 @@ bool hasUnreadInput(int fd) {
   return n > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
 }
 
+kj::Promise<size_t> tryReadSafely(kj::AsyncIoStream& stream, void* buffer, size_t minBytes,
+    size_t maxBytes) {
+  // kj's socket streams throw some errors (a connection reset) from tryRead() itself rather than
+  // failing its promise; every read here must fail as a promise, or its error handler is skipped.
+  return kj::evalNow([&]() { return stream.tryRead(buffer, minBytes, maxBytes); });
+}
+
 kj::Promise<void> turns(unsigned n) {
   // Lets `n` turns of the event loop pass.
   if (n == 0) return kj::READY_NOW;
@@ -149,7 +156,7 @@ void FramedStream::watchIdle(IdleListener& listener) {
 
 void FramedStream::startProbe() {
   probeOutcome = ProbeOutcome(ProbePending());
-  probe = raw->tryRead(&probeByte, 1, 1)
+  probe = tryReadSafely(*raw, &probeByte, 1, 1)
       .then([this](size_t n) {
     if (n == 0) {
       probeOutcome = ProbeOutcome(ProbeGotEof());
@@ -357,7 +364,7 @@ kj::Promise<size_t> FramedStream::readLoop(
     // Body data with nothing buffered: read it straight into the consumer's buffer (no copy, and
     // as much as the consumer asked for), but never past the end of the body.
     size_t want = kj::min(maxBytes - done, direct);
-    return raw->tryRead(buffer + done, 1, want)
+    return tryReadSafely(*raw, buffer + done, 1, want)
         .then([this, buffer, minBytes, maxBytes, done](size_t n) {
       if (n == 0) {
         rawEof = true;
@@ -420,7 +427,7 @@ kj::Promise<size_t> FramedStream::readRaw() {
   KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { space = framer.space(); })) {
     return kj::mv(e);  // the head outgrew its limit: a failed read, never a synchronous throw
   }
-  return raw->tryRead(space.begin(), 1, space.size());
+  return tryReadSafely(*raw, space.begin(), 1, space.size());
 }
 
 void FramedStream::receivedRaw(size_t n) {
@@ -478,11 +485,13 @@ kj::Promise<size_t> FramedStream::passThroughRead(
   }
   done += framer.take(kj::arrayPtr(buffer + done, maxBytes - done));
   if (done >= minBytes || rawEof) return done;
-  return raw->tryRead(buffer + done, minBytes - done, maxBytes - done)
+  return tryReadSafely(*raw, buffer + done, minBytes - done, maxBytes - done)
       .then([done](size_t n) { return done + n; });
 }
 
 kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTerminator) {
+  // `promise` comes from evalNow(): kj's sockets throw some write errors (a reset, a broken pipe)
+  // from write() itself, and such a write must count as failed like any other.
   ++writesInFlight;
   // Eager: kj-http does not always wait on its write queue, and the bookkeeping must not depend
   // on someone pulling the promise.
@@ -501,7 +510,7 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
   }
   bool isTerminator = mode == Mode::EXCHANGE && size == CHUNKED_TERMINATOR.size() &&
       memcmp(buffer, CHUNKED_TERMINATOR.begin(), size) == 0;
-  return trackWrite(raw->write(buffer, size), isTerminator);
+  return trackWrite(kj::evalNow([&]() { return raw->write(buffer, size); }), isTerminator);
 }
 
 kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
@@ -520,7 +529,7 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
     }
     isTerminator = memcmp(joined, CHUNKED_TERMINATOR.begin(), 5) == 0;
   }
-  return trackWrite(raw->write(pieces), isTerminator);
+  return trackWrite(kj::evalNow([&]() { return raw->write(pieces); }), isTerminator);
 }
 
 kj::Promise<void> FramedStream::whenWriteDisconnected() {

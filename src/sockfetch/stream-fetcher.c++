@@ -636,8 +636,9 @@ void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   ++completedRequests;
   lastResponseBytes = true;
   lastRequestBytes = true;
-  stream->watchIdle(*idleWatch);
-  state.init<Idle>(Idle{kj::mv(stream)});
+  // Idle before anything else can throw: BUSY points at the exchange, which may go any time now.
+  auto& idle = state.init<Idle>(Idle{kj::mv(stream)});
+  idle.stream->watchIdle(*idleWatch);
   KJ_IF_SOME(o, observer) {
     o.fetcherIdle(*this);  // last: the observer may start the next request
   }

@@ -75,8 +75,10 @@ public:
   // this returns.
   //
   // The request body, if any, must be written and then dropped; the connection is reused only if
-  // the whole body reached it. A response that ends while its request body is still being written
-  // closes the connection.
+  // the whole body reached it before the response body was read to its end. A server may answer
+  // before reading the body (without `Connection: close` it then reads and discards the rest);
+  // if the caller reads that response to its end before writing the whole body, the connection
+  // is closed.
 
   kj::Promise<WebSocketResponse> openWebSocket(
       kj::StringPtr url, const kj::HttpHeaders& headers) override;
