@@ -7,6 +7,10 @@
 //   (c) a new TCP connection and kj client per request
 //   (d) sockfetch::ConnectionPool, 32 requests in flight
 //   (e) kj's pooled client kj::newHttpClient(timer, table, address), 32 requests in flight
+// and three that take the gaps apart (no target; see README.md):
+//   (f) as (a), but a new kj client per request over the same connection, as StreamFetcher does
+//   (g) 32 connections, each reused by one worker with a new kj client per request, 32 in flight
+//   (h) as (g), but each connection keeps one kj client
 // Modes are interleaved, round after round; each mode's figure is its median round, each ratio the
 // median of the rounds' own ratios (printed with their range, which shows the noise). Then the heap
 // bytes per idle pooled connection (glibc's mallinfo2 delta over N idle connections).
@@ -78,7 +82,7 @@ public:
         .addOptionWithArg({"idle"}, KJ_BIND_METHOD(*this, setIdle), "<n>",
             "Idle connections for the memory measurement (default 1000; 0 skips it).")
         .addOptionWithArg({"modes"}, KJ_BIND_METHOD(*this, setModes), "<letters>",
-            "Which modes to run, e.g. \"ab\" (default abcde). Ratios need both of their modes.")
+            "Which modes to run, e.g. \"ab\" (default abcdefgh). Ratios need both of their modes.")
         .addOption({"small-only"}, [this]() { smallOnly = true; return true; },
             "Skip the 64 KiB variant.")
         .callAfterParsing(KJ_BIND_METHOD(*this, run))
@@ -91,7 +95,8 @@ private:
   uint requests = 5000;
   uint rounds = 21;
   uint idleConnections = 1000;
-  bool enabled[5] = {true, true, true, true, true};
+  static constexpr uint MODES = 8;
+  bool enabled[MODES] = {true, true, true, true, true, true, true, true};
   bool smallOnly = false;
   static constexpr uint CONCURRENCY = 32;
 
@@ -115,7 +120,7 @@ private:
   kj::MainBuilder::Validity setModes(kj::StringPtr arg) {
     for (auto& on: enabled) on = false;
     for (char c: arg) {
-      if (c < 'a' || c > 'e') return "modes are letters a to e";
+      if (c < 'a' || c >= 'a' + MODES) return "modes are letters a to h";
       enabled[c - 'a'] = true;
     }
     return true;
@@ -128,6 +133,14 @@ private:
   };
 
   Run sequential(Io& env, kj::HttpClient& client, kj::StringPtr path, uint n) {
+    return sequential(env, path, n, [&client]() { return kj::Own<kj::HttpClient>(&client,
+        kj::NullDisposer::instance); });
+  }
+
+  template <typename NewClient>
+  Run sequential(Io& env, kj::StringPtr path, uint n, NewClient&& newClient) {
+    // `newClient()` is called before each request; the client it returns is dropped after the
+    // response body was read to its end.
     kj::HttpHeaders headers(env.table);
     headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
     Run run;
@@ -135,7 +148,8 @@ private:
     double start = nowMicros();
     for (uint i = 0; i < n; i++) {
       double t0 = nowMicros();
-      auto request = client.request(kj::HttpMethod::GET, path, headers);
+      auto client = newClient();
+      auto request = client->request(kj::HttpMethod::GET, path, headers);
       request.body = nullptr;
       auto response = request.response.wait(env.io.waitScope);
       KJ_REQUIRE(response.statusCode == 200, response.statusCode);
@@ -168,25 +182,25 @@ private:
   }
 
   struct Shared {
-    kj::HttpClient& client;
+    // What the workers of one concurrent run share.
     const kj::HttpHeaders& headers;
     kj::StringPtr path;
     uint remaining;
     kj::Vector<double>& latencies;
   };
 
-  static kj::Promise<void> worker(Shared& shared) {
+  static kj::Promise<void> worker(kj::HttpClient& client, Shared& shared) {
     if (shared.remaining == 0) return kj::READY_NOW;
     --shared.remaining;
     double t0 = nowMicros();
-    auto request = shared.client.request(kj::HttpMethod::GET, shared.path, shared.headers);
+    auto request = client.request(kj::HttpMethod::GET, shared.path, shared.headers);
     request.body = nullptr;
     return request.response.then([](kj::HttpClient::Response&& response) {
       KJ_REQUIRE(response.statusCode == 200, response.statusCode);
       return drain(kj::mv(response.body));
-    }).then([&shared, t0]() {
+    }).then([&client, &shared, t0]() {
       shared.latencies.add(nowMicros() - t0);
-      return worker(shared);
+      return worker(client, shared);
     });
   }
 
@@ -195,11 +209,61 @@ private:
     headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
     Run run;
     run.latencies.reserve(n);
-    Shared shared{client, headers, path, n, run.latencies};
+    Shared shared{headers, path, n, run.latencies};
     double start = nowMicros();
     kj::Vector<kj::Promise<void>> workers;
-    for (uint i = 0; i < CONCURRENCY; i++) workers.add(worker(shared));
+    for (uint i = 0; i < CONCURRENCY; i++) workers.add(worker(client, shared));
     kj::joinPromises(workers.releaseAsArray()).wait(env.io.waitScope);
+    run.requestsPerSecond = n / ((nowMicros() - start) / 1e6);
+    return run;
+  }
+
+  struct OwnConnection {
+    // A worker of (g) and (h): one connection of its own, reused for every request it makes,
+    // with a new kj client per request (g) or one kept client (h).
+    Shared& shared;
+    kj::Own<kj::AsyncIoStream> stream;
+    kj::Own<kj::HttpClient> kept;
+  };
+
+  static kj::Promise<void> ownConnectionWorker(OwnConnection& self, kj::HttpHeaderTable& table) {
+    auto& shared = self.shared;
+    if (shared.remaining == 0) return kj::READY_NOW;
+    --shared.remaining;
+    double t0 = nowMicros();
+    kj::Own<kj::HttpClient> perRequest;
+    if (self.kept.get() == nullptr) perRequest = kj::newHttpClient(table, *self.stream);
+    auto& client = self.kept.get() == nullptr ? *perRequest : *self.kept;
+    auto request = client.request(kj::HttpMethod::GET, shared.path, shared.headers);
+    request.body = nullptr;
+    return request.response.then([](kj::HttpClient::Response&& response) {
+      KJ_REQUIRE(response.statusCode == 200, response.statusCode);
+      return drain(kj::mv(response.body));
+    }).then([&self, &table, t0, client = kj::mv(perRequest)]() mutable {
+      client = nullptr;  // before the next request, as StreamFetcher does
+      self.shared.latencies.add(nowMicros() - t0);
+      return ownConnectionWorker(self, table);
+    });
+  }
+
+  Run ownConnections(Io& env, kj::StringPtr path, uint n, bool clientPerRequest) {
+    kj::HttpHeaders headers(env.table);
+    headers.set(kj::HttpHeaderId::HOST, "127.0.0.1");
+    Run run;
+    run.latencies.reserve(n);
+    Shared shared{headers, path, n, run.latencies};
+    kj::Vector<OwnConnection> workers;
+    workers.reserve(CONCURRENCY);
+    double start = nowMicros();
+    kj::Vector<kj::Promise<void>> done;
+    for (uint i = 0; i < CONCURRENCY; i++) {
+      auto stream = env.address->connect().wait(env.io.waitScope);
+      kj::Own<kj::HttpClient> kept;
+      if (!clientPerRequest) kept = kj::newHttpClient(env.table, *stream);
+      workers.add(OwnConnection{shared, kj::mv(stream), kj::mv(kept)});
+    }
+    for (auto& worker: workers) done.add(ownConnectionWorker(worker, env.table));
+    kj::joinPromises(done.releaseAsArray()).wait(env.io.waitScope);
     run.requestsPerSecond = n / ((nowMicros() - start) / 1e6);
     return run;
   }
@@ -216,12 +280,15 @@ private:
   };
 
   void benchBody(Io& env, kj::StringPtr path, uint n) {
-    ModeResult modes[5] = {
+    ModeResult modes[MODES] = {
       {"(a) kj client, one connection"_kj, {}, {}},
       {"(b) StreamFetcher, one connection"_kj, {}, {}},
       {"(c) new connection per request"_kj, {}, {}},
       {"(d) ConnectionPool, 32 in flight"_kj, {}, {}},
       {"(e) kj pooled client, 32 in flight"_kj, {}, {}},
+      {"(f) kj client per request, one conn"_kj, {}, {}},
+      {"(g) kj client per request, 32 conns"_kj, {}, {}},
+      {"(h) kj client per conn, 32 conns"_kj, {}, {}},
     };
     auto& timer = env.io.provider->getTimer();
     auto record = [](ModeResult& mode, Run&& run) {
@@ -259,13 +326,28 @@ private:
           record(modes[4], concurrent(env, *client, path, n));
           break;
         }
+        case 5: {
+          // Safe with nginx here only because its responses are Content-Length framed and
+          // nothing follows them: a new kj client loses whatever the previous one read ahead.
+          auto stream = env.address->connect().wait(env.io.waitScope);
+          record(modes[5], sequential(env, path, n, [&]() {
+            return kj::newHttpClient(env.table, *stream);
+          }));
+          break;
+        }
+        case 6:
+          record(modes[6], ownConnections(env, path, n, true));
+          break;
+        case 7:
+          record(modes[7], ownConnections(env, path, n, false));
+          break;
       }
     };
     for (uint round = 0; round < rounds; round++) {
       // Every other round runs the modes in reverse, so that a drift in the machine's speed
       // during a round does not favour the modes that run first.
-      for (uint i = 0; i < 5; i++) {
-        uint mode = round % 2 == 0 ? i : 4 - i;
+      for (uint i = 0; i < MODES; i++) {
+        uint mode = round % 2 == 0 ? i : MODES - 1 - i;
         if (enabled[mode]) runMode(mode);
       }
     }
@@ -273,8 +355,8 @@ private:
         kj::max(n / 4, 1u), "), ", rounds,
         " rounds (every other one in reverse order), median round"));
     context.warning(kj::str("  mode                                   req/s     p50 us    p99 us"));
-    double rate[5];
-    for (uint i = 0; i < 5; i++) {
+    double rate[MODES];
+    for (uint i = 0; i < MODES; i++) {
       if (!enabled[i]) {
         rate[i] = 0;
         continue;
@@ -292,6 +374,16 @@ private:
     if (enabled[3] && enabled[4]) {
       ratio("d/e (ConnectionPool vs kj pool)", modes[3], modes[4], 1.0);
     }
+    // What the design's kj client per request costs by itself, and what the guard and the pool
+    // cost beyond it. No targets: these explain the ratios above.
+    auto explain = [&](kj::StringPtr name, uint x, uint y) {
+      if (enabled[x] && enabled[y]) ratio(name, modes[x], modes[y]);
+    };
+    explain("f/a (kj client per request, sequential)", 5, 0);
+    explain("b/f (StreamFetcher vs kj client per request)", 1, 5);
+    explain("g/h (kj client per request, 32 in flight)", 6, 7);
+    explain("d/g (ConnectionPool vs g)", 3, 6);
+    explain("h/e (32 fixed connections vs kj pool)", 7, 4);
   }
 
   static kj::String pad(kj::StringPtr text, size_t width, bool right = false) {
@@ -300,7 +392,8 @@ private:
     return right ? kj::str(spaces, text) : kj::str(text, spaces);
   }
 
-  void ratio(kj::StringPtr name, ModeResult& x, ModeResult& y, double target) {
+  void ratio(kj::StringPtr name, ModeResult& x, ModeResult& y, double target = 0) {
+    // `target` 0: an explanatory ratio, printed without a verdict.
     // The median of the rounds' own ratios (each round's two figures were measured minutes
     // apart at most, under the same load), and their range.
     kj::Vector<double> ratios;
@@ -310,8 +403,12 @@ private:
     char text[96];
     snprintf(text, sizeof(text), "%.3f  (rounds %.3f-%.3f)", value, ratios.front(),
         ratios.back());
-    context.warning(kj::str("  ratio ", pad(name, 40), text, "  target >= ", target, ": ",
-        value >= target ? "met" : "MISSED"));
+    if (target == 0) {
+      context.warning(kj::str("  ratio ", pad(name, 46), text));
+    } else {
+      context.warning(kj::str("  ratio ", pad(name, 46), text, "  target >= ", target, ": ",
+          value >= target ? "met" : "MISSED"));
+    }
   }
 
   static long heapInUse() {
