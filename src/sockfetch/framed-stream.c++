@@ -504,7 +504,26 @@ kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTer
   // and the fetcher will not reuse it.
 }
 
+void FramedStream::closeNow(kj::StringPtr reason) {
+  if (closedReason != nullptr) return;
+  closedReason = kj::str(reason);
+  KJ_IF_SOME(fd, raw->getFd()) {
+    ::shutdown(fd, SHUT_RDWR);  // may fail if the peer is gone already: nothing more to do then
+  }
+}
+
+kj::Maybe<kj::Exception> FramedStream::closedFailure() {
+  KJ_IF_SOME(reason, closedReason) {
+    return KJ_EXCEPTION(DISCONNECTED, kj::str("the connection was closed (", reason, "); nothing "
+        "more can be written to it"));
+  }
+  return nullptr;
+}
+
 kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
+  KJ_IF_SOME(e, closedFailure()) {
+    return kj::mv(e);
+  }
   if (!gatePassed) {
     return passGate().then([this, buffer, size]() { return write(buffer, size); });
   }
@@ -514,6 +533,9 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
 }
 
 kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+  KJ_IF_SOME(e, closedFailure()) {
+    return kj::mv(e);
+  }
   if (!gatePassed) {
     return passGate().then([this, pieces]() { return write(pieces); });
   }

@@ -20,7 +20,9 @@ struct Env {
   kj::Own<StreamFetcher> fetcher;
   kj::Own<Peer> peer;
 
-  explicit Env(bool tcp, bool tlsLike = false) {
+  bool tcp;
+
+  explicit Env(bool tcp, bool tlsLike = false): tcp(tcp) {
     auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
     if (tlsLike) transport.client = test::tlsLike(kj::mv(transport.client));
     StreamFetcher::Settings settings;
@@ -911,6 +913,41 @@ BOTH_TRANSPORTS(shortBodyFailsResponse,
   KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::ABANDONED);
 }
 
+BOTH_TRANSPORTS(closeHeardWhenResponseOver,
+    "StreamFetcher closes a failed exchange's connection once its response is over, not before") {
+  // A fixed-length request body dropped short fails the exchange (the fetcher is CLOSED at once),
+  // but the response already coming is still read from the connection: only when it is over is
+  // the connection closed and the observer (a pool counting open connections) told.
+  struct Counter final: public StreamFetcher::Observer {
+    unsigned closed = 0;
+    void fetcherIdle(StreamFetcher&) override {}
+    void fetcherClosed(StreamFetcher&) override { ++closed; }
+  } counter;
+  env.fetcher->setObserver(counter);
+  auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
+  auto write = writeAll(*req.body, "12345"_kj.asBytes());
+  env.peer->readHead();
+  KJ_EXPECT(env.peer->readExactly(5) == "12345");
+  write.wait(env.ws);
+  auto sent = env.peer->sendLater("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab");
+  auto r = req.response.wait(env.ws);
+  char text[4];
+  KJ_EXPECT(r.body->tryRead(text, 2, 2).wait(env.ws) == 2);
+  sent.wait(env.ws);
+  req.body = nullptr;
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::ABANDONED);
+  KJ_EXPECT(counter.closed == 0, "told of a close while the response is still being read");
+  if (env.tcp) KJ_EXPECT(env.peer->readWouldBlock(), "the connection closed under its response");
+  auto rest = env.peer->sendLater("cd");
+  KJ_EXPECT(r.body->tryRead(text + 2, 2, 2).wait(env.ws) == 2);
+  KJ_EXPECT(kj::heapString(text, 4) == "abcd");
+  rest.wait(env.ws);
+  KJ_EXPECT(counter.closed == 1);
+  if (env.tcp) KJ_EXPECT(env.peer->sawEof(), "the connection stayed open after its response");
+  env.fetcher->setObserver(nullptr);
+}
+
 BOTH_TRANSPORTS(earlyResponse,
     "StreamFetcher drops the connection when the response ends before the request body") {
   auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
@@ -927,7 +964,11 @@ BOTH_TRANSPORTS(earlyResponse,
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(contains(env.closeReason(), "5 of the 10 request body bytes"), env.closeReason());
   KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::REQUEST_INCOMPLETE);
-  KJ_EXPECT_THROW_MESSAGE("request is over", req.body->write("x", 1).wait(env.ws));
+  // The caller still holds the request body, and so the connection, yet it is closed now: the
+  // server sees it go (a pool no longer counts it), and writes fail with the reason.
+  if (env.tcp) KJ_EXPECT(env.peer->sawEof());
+  KJ_EXPECT_THROW_MESSAGE("connection was closed (the response ended after only 5 of the 10",
+      req.body->write("x", 1).wait(env.ws));
 }
 
 // =================================================================================================

@@ -42,21 +42,50 @@ public:
         client(kj::newHttpClient(table, view, kj::mv(settings))) {}
 
   ~Exchange() noexcept(false) {
+    responseOver = true;  // nobody can read it any more
     if (!done) {
       fail(CloseKind::ABANDONED,
           kj::str("the exchange was abandoned before its response body was read to the end"));
+    } else {
+      closeIfAbandoned();
     }
   }
 
   void fail(CloseKind kind, kj::String reason) {
-    // The connection must not be reused. The fetcher is told now; the connection itself is closed
-    // when the last of the request body, response promise and response body is dropped.
+    // The connection must not be reused. The fetcher is told now; the connection is closed as soon
+    // as its response can no longer be read (see endResponse()), and released when the last of
+    // the request body, response promise and response body is dropped.
     if (done) return;
     done = true;
+    upgraded = kind == CloseKind::UPGRADED;
+    failure = kj::str(reason);
     KJ_IF_SOME(f, fetcher) {
-      fetcher = nullptr;
       bool wroteAny = stream->getWritesCompleted() > 0 || stream->getWritesInFlight() > 0;
-      f.exchangeFailed(kind, kj::mv(reason), stream->getFramer().hasReceivedAny(), wroteAny);
+      if (upgraded) fetcher = nullptr;  // the connection is the new protocol's: nothing to tell
+      f.exchangeFailed(*this, kind, kj::mv(reason), stream->getFramer().hasReceivedAny(),
+          wroteAny);
+    }
+    closeIfAbandoned();
+  }
+
+  void endResponse() {
+    // The response can no longer be read: read to its end, dropped, cancelled or failed.
+    responseOver = true;
+    closeIfAbandoned();
+  }
+
+  void closeIfAbandoned() {
+    // A failed exchange whose response can no longer be read will never use its connection again,
+    // though a request body the caller keeps writing still holds it: close the socket now, so
+    // that the server sees it go when the fetcher (and a pool) stops counting it, and later
+    // writes fail with the reason.
+    if (!responseOver || upgraded || stream.get() == nullptr) return;
+    KJ_IF_SOME(why, failure) {
+      stream->closeNow(why);
+      KJ_IF_SOME(f, fetcher) {
+        fetcher = nullptr;
+        f.exchangeClosed(*this);
+      }
     }
   }
 
@@ -97,14 +126,16 @@ public:
   kj::Own<kj::HttpClient> client;  // points into `view`: declared after it. Once the exchange is
                                    // over, kept (detached) as long as the response body, since the
                                    // response's status text and headers live in its buffer.
-  kj::Maybe<RequestBody&> requestBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // fixed-length bodies only
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
   bool requestBodyDropped = false;
   bool responded = false;
+  bool responseOver = false;  // see endResponse()
+  bool upgraded = false;      // the stream belongs to another protocol now: never closed here
   bool done = false;
+  kj::Maybe<kj::String> failure;  // why it failed, once it has
 };
 
 // =================================================================================================
@@ -113,15 +144,12 @@ public:
 class StreamFetcher::RequestBody final: public kj::AsyncOutputStream {
 public:
   RequestBody(kj::Own<Exchange> exchangeParam, kj::Own<kj::AsyncOutputStream> inner)
-      : exchange(kj::mv(exchangeParam)), inner(kj::mv(inner)) {
-    exchange->requestBody = *this;
-  }
+      : exchange(kj::mv(exchangeParam)), inner(kj::mv(inner)) {}
 
   ~RequestBody() noexcept(false) {
-    exchange->requestBody = nullptr;
     exchange->requestBodyDropped = true;
     if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
-        exchange->requestBodyWritten < exchange->requestBodyExpected && inner.get() != nullptr) {
+        exchange->requestBodyWritten < exchange->requestBodyExpected && !exchange->done) {
       auto reason = kj::str("the request body was dropped after ", exchange->requestBodyWritten,
           " of its ", exchange->requestBodyExpected, " bytes were written");
       if (!exchange->responded) {
@@ -138,13 +166,8 @@ public:
     inner = nullptr;
   }
 
-  void detach() {
-    // The exchange is over: kj's body stream points into the client about to be destroyed.
-    inner = nullptr;
-  }
-
   kj::Promise<void> write(const void* buffer, size_t size) override {
-    return getInner().write(buffer, size).then([this, size]() {
+    return inner->write(buffer, size).then([this, size]() {
       exchange->requestBodyWritten += size;
     });
   }
@@ -152,25 +175,20 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
     size_t size = 0;
     for (auto& piece: pieces) size += piece.size();
-    return getInner().write(pieces).then([this, size]() {
+    return inner->write(pieces).then([this, size]() {
       exchange->requestBodyWritten += size;
     });
   }
 
   kj::Promise<void> whenWriteDisconnected() override {
-    return getInner().whenWriteDisconnected();
+    return inner->whenWriteDisconnected();
   }
 
 private:
   kj::Own<Exchange> exchange;
   kj::Own<kj::AsyncOutputStream> inner;  // points into exchange->client: declared after it
-
-  kj::AsyncOutputStream& getInner() {
-    KJ_REQUIRE(inner.get() != nullptr,
-        "this request is over (its response was read to the end); the request body can no "
-        "longer be written");
-    return *inner;
-  }
+  // Once the exchange is over, kj's body writes through a view that refuses them: with the reason
+  // if the exchange failed (FramedStream::closeNow()), else "this exchange is over".
 };
 
 // =================================================================================================
@@ -183,6 +201,7 @@ public:
       : exchange(kj::mv(exchangeParam)), inner(kj::mv(response.body)) {}
 
   ~ResponseBody() noexcept(false) {
+    exchange->endResponse();
     if (!atEnd) {
       exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
     }
@@ -258,6 +277,7 @@ private:
 
   void readFailed(const kj::Exception& e) {
     setBodyBuffer(nullptr);
+    exchange->endResponse();
     exchange->fail(CloseKind::FAILED,
         kj::str("reading the previous response body failed: ", e.getDescription()));
   }
@@ -266,6 +286,7 @@ private:
     // reachedEnd() for a body whose end is the response's end (see tryRead()), without a promise.
     if (endedAtOnce()) return;
     auto& framer = exchange->stream->getFramer();
+    exchange->endResponse();
     KJ_IF_SOME(failure, framer.getFailure()) {
       auto e = cloneException(failure);
       exchange->fail(CloseKind::FAILED,
@@ -293,6 +314,7 @@ private:
       atEnd = true;
       exchange->succeed();
     }, [this](kj::Exception&& e) {
+      exchange->endResponse();
       exchange->fail(CloseKind::FAILED,
           kj::str("the previous response was malformed: ", e.getDescription()));
       readFailure = cloneException(e);
@@ -307,6 +329,7 @@ private:
     if (exchange->done) {
       // Already failed (or upgraded): nothing more to finish.
       atEnd = true;
+      exchange->endResponse();
       return true;
     }
     auto& framer = exchange->stream->getFramer();
@@ -321,6 +344,7 @@ private:
         // or the body is delimited by the connection closing): the connection cannot be reused
         // anyway, so do not wait for the rest.
         atEnd = true;
+        exchange->endResponse();
         exchange->failNotReusable(why);
         return true;
       }
@@ -341,6 +365,7 @@ public:
   AwaitingResponse(AwaitingResponse&&) = default;
   ~AwaitingResponse() noexcept(false) {
     if (exchange.get() != nullptr && !exchange->responded) {
+      exchange->endResponse();
       exchange->fail(CloseKind::ABANDONED, kj::str(whatCancelled));
     }
   }
@@ -408,11 +433,8 @@ kj::Maybe<kj::String> StreamFetcher::Exchange::whyRequestIncomplete() {
 }
 
 void StreamFetcher::Exchange::succeed() {
+  endResponse();
   if (done) return;
-  // The response is over, so is the request: kj's request body points into the client.
-  KJ_IF_SOME(body, requestBody) {
-    body.detach();
-  }
   auto& framer = stream->getFramer();
   KJ_IF_SOME(why, framer.whyNotReusable()) {
     return failNotReusable(why);
@@ -491,6 +513,9 @@ StreamFetcher::~StreamFetcher() noexcept(false) {
   KJ_IF_SOME(busy, state.tryGet<Busy>()) {
     // The exchange in flight finishes on its own; its connection is then closed.
     busy.exchange->detachFetcher();
+  }
+  KJ_IF_SOME(closed, state.tryGet<Closed>()) {
+    if (closed.closing != nullptr) closed.closing->detachFetcher();  // it closes without us
   }
 }
 
@@ -599,6 +624,7 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   }, [awaiting = AwaitingResponse(kj::mv(exchange),
           "a request was cancelled before its response arrived")](kj::Exception&& e) mutable
       -> Response {
+    awaiting->endResponse();
     awaiting->failRequest("the previous request failed: ", e);
     kj::throwFatalException(kj::mv(e));
   });
@@ -615,6 +641,7 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
   }, [awaiting = AwaitingResponse(kj::mv(exchange),
           "a WebSocket handshake was cancelled before its response arrived")](
           kj::Exception&& e) mutable -> WebSocketResponse {
+    awaiting->endResponse();
     awaiting->failRequest("the previous WebSocket handshake failed: ", e);
     kj::throwFatalException(kj::mv(e));
   });
@@ -644,14 +671,30 @@ void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {
   }
 }
 
-void StreamFetcher::exchangeFailed(
-    CloseKind kind, kj::String reason, bool receivedAny, bool wroteAny) {
+void StreamFetcher::exchangeFailed(Exchange& exchange, CloseKind kind, kj::String reason,
+    bool receivedAny, bool wroteAny) {
   KJ_ASSERT(state.is<Busy>());
   lastResponseBytes = receivedAny;
   lastRequestBytes = wroteAny;
-  state.init<Closed>(Closed{kind, kj::mv(reason)});
-  KJ_IF_SOME(o, observer) {
-    o.fetcherClosed(*this);
+  bool upgraded = kind == CloseKind::UPGRADED;
+  state.init<Closed>(Closed{kind, kj::mv(reason), upgraded ? nullptr : &exchange});
+  if (upgraded) {
+    KJ_IF_SOME(o, observer) {
+      o.fetcherClosed(*this);
+    }
+  }
+  // Otherwise the observer hears of it from exchangeClosed(), once the connection is closed: at
+  // once if the response is over, else when it is.
+}
+
+void StreamFetcher::exchangeClosed(Exchange& exchange) {
+  KJ_IF_SOME(closed, state.tryGet<Closed>()) {
+    if (closed.closing == &exchange) {
+      closed.closing = nullptr;
+      KJ_IF_SOME(o, observer) {
+        o.fetcherClosed(*this);
+      }
+    }
   }
 }
 

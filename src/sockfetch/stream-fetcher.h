@@ -125,7 +125,10 @@ public:
     virtual void fetcherIdle(StreamFetcher& fetcher) = 0;
     // The connection came back: the fetcher is IDLE and may take the next request (from here).
     virtual void fetcherClosed(StreamFetcher& fetcher) = 0;
-    // The fetcher is now CLOSED. Must not destroy the fetcher synchronously.
+    // The fetcher is CLOSED and its connection closed. A failed exchange whose response is still
+    // being read (say, its request body was dropped short) keeps the connection until that
+    // response is over: the fetcher is CLOSED at once, this is called then. Must not destroy the
+    // fetcher synchronously.
   };
 
   void setObserver(kj::Maybe<Observer&> observer) { this->observer = observer; }
@@ -156,6 +159,8 @@ private:
   struct Closed {
     CloseKind kind;
     kj::String reason;
+    Exchange* closing = nullptr;  // a failed exchange still reading its response on the
+                                  // connection; cleared (by exchangeClosed()) before it goes
   };
   struct Released {};
 
@@ -171,7 +176,9 @@ private:
 
   kj::Own<Exchange> startExchange(kj::HttpMethod method);
   void exchangeSucceeded(kj::Own<FramedStream> stream);
-  void exchangeFailed(CloseKind kind, kj::String reason, bool receivedAny, bool wroteAny);
+  void exchangeFailed(Exchange& exchange, CloseKind kind, kj::String reason, bool receivedAny,
+      bool wroteAny);
+  void exchangeClosed(Exchange& exchange);
   void closeIdle(CloseKind kind, kj::String reason);
 };
 
