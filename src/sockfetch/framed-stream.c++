@@ -504,16 +504,20 @@ kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTer
   // and the fetcher will not reuse it.
 }
 
-void FramedStream::closeNow(kj::StringPtr reason) {
-  if (closedReason != nullptr) return;
-  closedReason = kj::str(reason);
+void FramedStream::refuseWrites(kj::StringPtr reason) {
+  if (refusal == nullptr) refusal = kj::str(reason);
+}
+
+void FramedStream::shutdownNow() {
+  if (shutDown) return;
+  shutDown = true;
   KJ_IF_SOME(fd, raw->getFd()) {
     ::shutdown(fd, SHUT_RDWR);  // may fail if the peer is gone already: nothing more to do then
   }
 }
 
-kj::Maybe<kj::Exception> FramedStream::closedFailure() {
-  KJ_IF_SOME(reason, closedReason) {
+kj::Maybe<kj::Exception> FramedStream::writeRefusal() {
+  KJ_IF_SOME(reason, refusal) {
     return KJ_EXCEPTION(DISCONNECTED, kj::str("the connection was closed (", reason, "); nothing "
         "more can be written to it"));
   }
@@ -521,7 +525,7 @@ kj::Maybe<kj::Exception> FramedStream::closedFailure() {
 }
 
 kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
-  KJ_IF_SOME(e, closedFailure()) {
+  KJ_IF_SOME(e, writeRefusal()) {
     return kj::mv(e);
   }
   if (!gatePassed) {
@@ -533,7 +537,7 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
 }
 
 kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
-  KJ_IF_SOME(e, closedFailure()) {
+  KJ_IF_SOME(e, writeRefusal()) {
     return kj::mv(e);
   }
   if (!gatePassed) {

@@ -79,12 +79,15 @@ public:
   void passThrough();
   // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
 
-  void closeNow(kj::StringPtr reason);
-  // For a connection that will never carry anything again but is still referenced (a request body
-  // a caller keeps writing): shuts the socket down, so that the server sees it closed now rather
-  // than when the last reference goes, and fails every later write (DISCONNECTED, `reason`). On a
-  // stream without a descriptor only the later writes fail. Pending reads and writes end as the
-  // socket's do (EOF, an error); nothing is destroyed.
+  void refuseWrites(kj::StringPtr reason);
+  // This connection will never carry another exchange: every later write fails (DISCONNECTED,
+  // with `reason`). Reads go on, for a response still coming.
+
+  void shutdownNow();
+  // For a connection that will never be used again but is still referenced (a request body a
+  // caller keeps writing): shuts the socket down, so that the server sees it closed now rather
+  // than when the last reference goes. Pending reads and writes end as the socket's do (EOF, an
+  // error); nothing is destroyed. A stream without a descriptor is left as it is.
 
   class ExchangeView;
   // The stream to build an exchange's kj::HttpClient over (see below).
@@ -96,7 +99,6 @@ public:
   // disagree where the body ends: that read fails instead of waiting forever.
 
   ResponseFramer& getFramer() { return framer; }
-  bool isClosed() const { return closedReason != nullptr; }
   uint64_t getWritesInFlight() const { return writesInFlight; }
   uint64_t getWritesCompleted() const { return writesCompleted; }
   bool sawChunkedTerminator() const { return chunkedTerminatorWritten; }
@@ -123,7 +125,8 @@ private:
   ResponseFramer framer;
   kj::Maybe<kj::Timer&> timer;
   bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
-  kj::Maybe<kj::String> closedReason;  // set by closeNow()
+  kj::Maybe<kj::String> refusal;  // set by refuseWrites()
+  bool shutDown = false;
   kj::Maybe<ExchangeView&> currentView;  // the newest view, while it may touch this stream
   Mode mode = Mode::PASS_THROUGH;
   bool rawEof = false;
@@ -170,7 +173,7 @@ private:
   void receivedRaw(size_t n);
   // Tells the framer about `n` bytes a raw read put in its space (0: the end of the stream).
   kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
-  kj::Maybe<kj::Exception> closedFailure();
+  kj::Maybe<kj::Exception> writeRefusal();
 };
 
 class FramedStream::ExchangeView final: public kj::AsyncIoStream {

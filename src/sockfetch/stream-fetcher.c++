@@ -58,7 +58,7 @@ public:
     if (done) return;
     done = true;
     upgraded = kind == CloseKind::UPGRADED;
-    failure = kj::str(reason);
+    if (!upgraded) stream->refuseWrites(reason);
     KJ_IF_SOME(f, fetcher) {
       bool wroteAny = stream->getWritesCompleted() > 0 || stream->getWritesInFlight() > 0;
       if (upgraded) fetcher = nullptr;  // the connection is the new protocol's: nothing to tell
@@ -76,16 +76,15 @@ public:
 
   void closeIfAbandoned() {
     // A failed exchange whose response can no longer be read will never use its connection again,
-    // though a request body the caller keeps writing still holds it: close the socket now, so
-    // that the server sees it go when the fetcher (and a pool) stops counting it, and later
-    // writes fail with the reason.
-    if (!responseOver || upgraded || stream.get() == nullptr) return;
-    KJ_IF_SOME(why, failure) {
-      stream->closeNow(why);
-      KJ_IF_SOME(f, fetcher) {
-        fetcher = nullptr;
-        f.exchangeClosed(*this);
-      }
+    // though a request body the caller keeps (its writes are refused since fail()) still holds
+    // it: shut the socket down now, so that the server sees it go when the fetcher (and a pool)
+    // stops counting it. (`stream` is still here after `done` only if the exchange failed, or
+    // if its fetcher is gone.)
+    if (!done || !responseOver || upgraded || stream.get() == nullptr) return;
+    stream->shutdownNow();
+    KJ_IF_SOME(f, fetcher) {
+      fetcher = nullptr;
+      f.exchangeClosed(*this);
     }
   }
 
@@ -135,7 +134,6 @@ public:
   bool responseOver = false;  // see endResponse()
   bool upgraded = false;      // the stream belongs to another protocol now: never closed here
   bool done = false;
-  kj::Maybe<kj::String> failure;  // why it failed, once it has
 };
 
 // =================================================================================================
@@ -188,7 +186,7 @@ private:
   kj::Own<Exchange> exchange;
   kj::Own<kj::AsyncOutputStream> inner;  // points into exchange->client: declared after it
   // Once the exchange is over, kj's body writes through a view that refuses them: with the reason
-  // if the exchange failed (FramedStream::closeNow()), else "this exchange is over".
+  // if the exchange failed (FramedStream::refuseWrites()), else "this exchange is over".
 };
 
 // =================================================================================================
