@@ -429,9 +429,10 @@ KJ_TEST("hostile peer: both Transfer-Encoding and Content-Length end reuse") {
   env.expectNextRequestRefused();
 }
 
-KJ_TEST("hostile peer: a duplicated Content-Length is read correctly or refused") {
-  // Identical repeated values are tolerated by RFC 9110; kj-http may refuse them. Either way the
-  // body is never misread and the connection carries the next response correctly or not at all.
+KJ_TEST("hostile peer: a duplicated Content-Length is refused, and the connection dropped") {
+  // RFC 9110 lets a recipient accept identical repeated values, and the framer does; kj-http
+  // 0.9.2 joins them into "5, 5" and refuses that. The body is never misread, and the connection
+  // does not carry another request.
   Env env;
   auto req = env.fetcher->request(kj::HttpMethod::GET, "/", env.headers());
   req.body = nullptr;
@@ -444,14 +445,10 @@ KJ_TEST("hostile peer: a duplicated Content-Length is read correctly or refused"
     body = env.bounded(r.body->readAllText());
   });
   env.bounded(kj::mv(sent));
-  KJ_IF_SOME(text, body) {
-    KJ_EXPECT(text == "hello");
-    KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.reason());
-    KJ_EXPECT(env.get(OK_HELLO).body == "hello");
-  } else {
-    KJ_EXPECT(failure != nullptr);
-    env.expectNextRequestRefused();
-  }
+  KJ_EXPECT(body == nullptr, "kj-http now accepts a repeated Content-Length: update this test");
+  KJ_EXPECT(contains(KJ_ASSERT_NONNULL(failure).getDescription(), "Content-Length"),
+      KJ_ASSERT_NONNULL(failure));
+  env.expectNextRequestRefused();
 }
 
 KJ_TEST("hostile peer: a Connection: close answer while the request is written ends cleanly") {
@@ -485,18 +482,13 @@ KJ_TEST("hostile peer: a 101 to a plain GET takes the connection out of reuse") 
   env.peer->readRequest();
   auto sent = env.peer->sendLater(kj::str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n"
       "Connection: Upgrade\r\n\r\n", POISON));
-  kj::Maybe<unsigned> status;
-  auto failure = kj::runCatchingExceptions([&]() {
-    status = env.bounded(kj::mv(req.response)).statusCode;
-  });
+  // The 101 reaches the caller as it is (a plain request() cannot upgrade), and the bytes after
+  // it belong to whatever protocol the server switched to: never to a next request.
+  auto response = env.bounded(kj::mv(req.response));
   env.bounded(kj::mv(sent));
-  KJ_IF_SOME(s, status) {
-    KJ_EXPECT(s == 101);
-    KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UPGRADED,
-        env.fetcher->getCloseKind(), env.reason());
-  } else {
-    KJ_EXPECT(failure != nullptr);
-  }
+  KJ_EXPECT(response.statusCode == 101);
+  KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::UPGRADED,
+      env.fetcher->getCloseKind(), env.reason());
   env.expectNextRequestRefused();
 }
 
