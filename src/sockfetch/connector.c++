@@ -54,11 +54,38 @@ private:
   kj::Own<kj::AsyncIoStream> inner;
 };
 
+constexpr unsigned MAX_PROXY_INTERIM = 16;
+// Interim (1xx) answers skipped before the proxy's final answer to CONNECT.
+
 struct ProxyHandshake {
   kj::String target;
   kj::Own<kj::AsyncIoStream> stream;
   kj::Vector<kj::byte> received;
+  unsigned interim = 0;
 };
+
+kj::Maybe<unsigned> parseStatusLine(kj::StringPtr line) {
+  // "HTTP/1.x DDD[ reason]" (RFC 9112 4): the status code, or null if the line is not that.
+  if (line.size() < 12 || !line.startsWith("HTTP/1.") || (line[7] != '0' && line[7] != '1') ||
+      line[8] != ' ') {
+    return nullptr;
+  }
+  unsigned status = 0;
+  for (size_t i = 9; i < 12; i++) {
+    if (line[i] < '0' || line[i] > '9') return nullptr;
+    status = status * 10 + (line[i] - '0');
+  }
+  if (line.size() > 12 && line[12] != ' ') return nullptr;
+  if (status < 100) return nullptr;
+  return status;
+}
+
+kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
+  // A failure of the connection to the proxy before its answer, said as such: in a pool it
+  // would otherwise read like the origin failing a request.
+  return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection to the proxy "
+      "failed before it answered CONNECT ", target, ": ", e.getDescription()));
+}
 
 kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> state) {
   // Reads until the end of the proxy's answer head, then judges it.
@@ -69,16 +96,32 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
     size_t lineEnd = 0;
     while (lineEnd < head.size() && head[lineEnd] != '\r') lineEnd++;
     auto statusLine = kj::heapString(head.begin(), lineEnd);
-    bool valid = statusLine.startsWith("HTTP/1.") && statusLine.size() >= 12 &&
-        statusLine[8] == ' ';
-    if (!valid) {
+    unsigned status = 0;
+    KJ_IF_SOME(s, parseStatusLine(statusLine)) {
+      status = s;
+    } else {
       return KJ_EXCEPTION(FAILED, kj::str("the proxy answered CONNECT to ", state->target,
           " with something that is not HTTP (", statusLine, "); check the proxy address"));
     }
-    if (statusLine[9] != '2') {
+    if (status < 200 && status != 101) {
+      // Interim: skipped, as for any HTTP response (RFC 9110 15.2), up to a limit.
+      if (++state->interim > MAX_PROXY_INTERIM) {
+        return KJ_EXCEPTION(FAILED, kj::str("the proxy sent more than ", MAX_PROXY_INTERIM,
+            " interim (1xx) answers to CONNECT ", state->target, "; check the proxy"));
+      }
+      auto rest = kj::heapArray<kj::byte>(received.slice(i + 4, received.size()));
+      received.clear();
+      received.addAll(rest);
+      return readProxyAnswer(kj::mv(state));
+    }
+    if (status >= 300) {
       return KJ_EXCEPTION(FAILED, kj::str("the proxy refused to open a tunnel to ",
           state->target, ": \"", statusLine.slice(9), "\"; check the proxy's access rules and "
           "credentials"));
+    }
+    if (status < 200) {
+      return KJ_EXCEPTION(FAILED, kj::str("the proxy answered CONNECT to ", state->target,
+          " with \"", statusLine.slice(9), "\", which does not open a tunnel; check the proxy"));
     }
     if (i + 4 == received.size()) return kj::mv(state->stream);
     auto rest = kj::heapArray<kj::byte>(received.slice(i + 4, received.size()));
@@ -90,8 +133,11 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
         " is longer than ", MAX_PROXY_HEAD, " bytes; check the proxy address"));
   }
   auto chunk = kj::heapArray<kj::byte>(4096);
-  auto promise = state->stream->tryRead(chunk.begin(), 1, chunk.size());
-  return promise.then([state = kj::mv(state), chunk = kj::mv(chunk)](size_t n) mutable
+  auto& stream = *state->stream;
+  auto promise = kj::evalNow([&]() { return stream.tryRead(chunk.begin(), 1, chunk.size()); });
+  return promise.catch_([target = kj::heapString(state->target)](kj::Exception&& e) -> size_t {
+    kj::throwFatalException(proxyFailure(e, target));
+  }).then([state = kj::mv(state), chunk = kj::mv(chunk)](size_t n) mutable
       -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
     if (n == 0) {
       return KJ_EXCEPTION(DISCONNECTED, kj::str("the proxy closed the connection before "
@@ -117,9 +163,14 @@ Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
       state->stream = kj::mv(stream);
       auto request = kj::str("CONNECT ", state->target, " HTTP/1.1\r\nHost: ", state->target,
           "\r\n\r\n");
-      auto write = writeAll(*state->stream, request.asBytes());
+      auto& proxy = *state->stream;
+      auto write = kj::evalNow([&]() { return writeAll(proxy, request.asBytes()); });
+      auto forError = kj::heapString(state->target);
       return write.attach(kj::mv(request)).then([state = kj::mv(state)]() mutable {
         return readProxyAnswer(kj::mv(state));
+      }, [target = kj::mv(forError)](kj::Exception&& e)
+          -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+        return proxyFailure(e, target);
       });
     });
   };

@@ -16,7 +16,8 @@ Connector addressConnector(kj::NetworkAddress& address);
 Connector tunnelConnector(Connector toProxy, kj::StringPtr target);
 // Reaches `target` ("host:port") through an HTTP proxy: connects with `toProxy`, sends
 // `CONNECT target HTTP/1.1`, and on a 2xx answer yields the tunnel (bytes the proxy sent after its
-// answer included). A proxy that answers anything else fails with an exception naming its status
-// line; one that closes or answers garbage fails with what went wrong.
+// answer included). Interim (1xx) answers before it are skipped. A proxy that answers anything
+// else fails with an exception naming its status line; one that closes, fails or answers
+// something that is not an HTTP/1.x status line fails with what went wrong, naming the CONNECT.
 
 }  // namespace sockfetch

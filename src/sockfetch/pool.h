@@ -39,7 +39,9 @@ class ConnectionPool final: public kj::HttpClient {
 public:
   struct Settings {
     unsigned maxConnections = 64;
-    // Connections open at once (busy + idle + being opened).
+    // Connections open at once (busy + idle + being opened). A failed exchange's connection
+    // counts until it is closed (once its response is over); an upgraded one (101) leaves the
+    // pool, and no longer counts.
     unsigned maxIdleConnections = 32;
     // Idle connections kept; a connection coming back to a full idle set is closed.
     kj::Duration idleTimeout = 60 * kj::SECONDS;
