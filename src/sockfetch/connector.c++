@@ -90,12 +90,21 @@ kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
 kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> state) {
   // Reads until the end of the proxy's answer head, then judges it.
   auto& received = state->received;
-  for (size_t i = 0; i + 4 <= received.size(); i++) {
-    if (memcmp(received.begin() + i, "\r\n\r\n", 4) != 0) continue;
-    auto head = kj::heapString(reinterpret_cast<const char*>(received.begin()), i);
+  for (size_t i = 0; i + 1 < received.size(); i++) {
+    // The head ends with an empty line, CRLF or (as RFC 9112 2.2 lets a recipient accept) LF.
+    if (received[i] != '\n') continue;
+    size_t headEnd;
+    if (received[i + 1] == '\n') {
+      headEnd = i + 2;
+    } else if (received[i + 1] == '\r' && i + 2 < received.size() && received[i + 2] == '\n') {
+      headEnd = i + 3;
+    } else {
+      continue;
+    }
+    auto chars = reinterpret_cast<const char*>(received.begin());
     size_t lineEnd = 0;
-    while (lineEnd < head.size() && head[lineEnd] != '\r') lineEnd++;
-    auto statusLine = kj::heapString(head.begin(), lineEnd);
+    while (chars[lineEnd] != '\r' && chars[lineEnd] != '\n') lineEnd++;
+    auto statusLine = kj::heapString(chars, lineEnd);
     unsigned status = 0;
     KJ_IF_SOME(s, parseStatusLine(statusLine)) {
       status = s;
@@ -109,7 +118,7 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
         return KJ_EXCEPTION(FAILED, kj::str("the proxy sent more than ", MAX_PROXY_INTERIM,
             " interim (1xx) answers to CONNECT ", state->target, "; check the proxy"));
       }
-      auto rest = kj::heapArray<kj::byte>(received.slice(i + 4, received.size()));
+      auto rest = kj::heapArray<kj::byte>(received.slice(headEnd, received.size()));
       received.clear();
       received.addAll(rest);
       return readProxyAnswer(kj::mv(state));
@@ -123,8 +132,8 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
       return KJ_EXCEPTION(FAILED, kj::str("the proxy answered CONNECT to ", state->target,
           " with \"", statusLine.slice(9), "\", which does not open a tunnel; check the proxy"));
     }
-    if (i + 4 == received.size()) return kj::mv(state->stream);
-    auto rest = kj::heapArray<kj::byte>(received.slice(i + 4, received.size()));
+    if (headEnd == received.size()) return kj::mv(state->stream);
+    auto rest = kj::heapArray<kj::byte>(received.slice(headEnd, received.size()));
     return kj::Own<kj::AsyncIoStream>(
         kj::heap<PrefixedStream>(kj::mv(rest), kj::mv(state->stream)));
   }

@@ -340,6 +340,18 @@ KJ_TEST("hostile proxy: an HTTP/1.0 200 opens the tunnel; the origin's own answe
   KJ_EXPECT(env.pool->getStats().reuses == 1, env.pool->getStats().reuses);
 }
 
+KJ_TEST("hostile proxy: an answer whose lines end in a bare LF opens the tunnel") {
+  // RFC 9112 2.2 lets a recipient take a lone LF as a line end (here for an interim answer too).
+  Env env;
+  env.tunnelPool();
+  auto first = env.get("/a");
+  auto proxy = env.acceptConnect();
+  proxy->send("HTTP/1.1 100 Wait\n\nHTTP/1.1 200 OK\nProxy-Agent: lf\n\n");
+  KJ_EXPECT(env.serve(*proxy, kj::mv(first), "/a") == "/a");
+  KJ_EXPECT(env.serve(*proxy, env.get("/b"), "/b") == "/b");
+  KJ_EXPECT(env.pool->getStats().reuses == 1, env.pool->getStats().reuses);
+}
+
 KJ_TEST("hostile proxy: Content-Length and Transfer-Encoding on a 200 to CONNECT are ignored") {
   // RFC 9110 9.3.6: a client MUST ignore them in a 2xx to CONNECT; the tunnel starts right after
   // the head. A connector that honoured them would wait for a body that never comes (or eat the
