@@ -23,45 +23,16 @@
 namespace sockfetch {
 namespace {
 
+using test::contains;
+using test::noDelay;
 using test::Peer;
-
-constexpr kj::Duration LIMIT = 2 * kj::SECONDS;
-// Upper bound for any single wait: a test that hits it found a hang.
+using test::resetConnection;
+using test::trickle;
 
 constexpr kj::StringPtr TARGET = "origin.test:8080"_kj;
 constexpr kj::StringPtr ESTABLISHED = "HTTP/1.1 200 Connection established\r\n\r\n"_kj;
 constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
 constexpr kj::StringPtr POISON = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"_kj;
-
-bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
-  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
-}
-
-void resetConnection(Peer& peer) {
-  // Closes the peer's socket with SO_LINGER 0, so the kernel sends RST instead of FIN.
-  int fd = KJ_ASSERT_NONNULL(peer.getStream().getFd());
-  struct linger lin = {1, 0};
-  KJ_SYSCALL(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lin, sizeof(lin)));
-  peer.close();
-}
-
-void noDelay(Peer& peer) {
-  // Each small write leaves as its own segment, so that trickled bytes really arrive apart.
-  int fd = KJ_ASSERT_NONNULL(peer.getStream().getFd());
-  int one = 1;
-  KJ_SYSCALL(setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
-}
-
-kj::Promise<void> trickle(kj::AsyncIoStream& out, kj::Timer& timer, kj::StringPtr bytes,
-    size_t i = 0) {
-  // Writes `bytes` one byte per write, a little apart.
-  if (i == bytes.size()) return kj::READY_NOW;
-  return out.write(bytes.begin() + i, 1).then([&out, &timer, bytes, i]() {
-    return timer.afterDelay(100 * kj::MICROSECONDS).then([&out, &timer, bytes, i]() {
-      return trickle(out, timer, bytes, i + 1);
-    });
-  });
-}
 
 kj::String okPath(kj::StringPtr path) {
   // A 200 whose body is the request's path, so that a misattributed response shows.
@@ -96,19 +67,16 @@ kj::StringPtr textOf(kj::WebSocket::Message& message) {
   KJ_FAIL_ASSERT("expected a text message");
 }
 
-struct Env {
-  // An event loop and a listening loopback socket that plays the proxy (or, for the WebSocket
-  // tests, the server), each of its connections driven by the test as a Peer; a pool in front of
-  // it, through a CONNECT tunnel or directly. Members in dependency order.
-  kj::AsyncIoContext io = kj::setupAsyncIo();
-  kj::WaitScope& ws = io.waitScope;
-  kj::Timer& timer = io.provider->getTimer();
-  kj::HttpHeaderTable table;
+struct Env: public test::LoopEnv {
+  // A listening loopback socket that plays the proxy (or, for the WebSocket tests, the server),
+  // each of its connections driven by the test as a Peer; a pool in front of it, through a
+  // CONNECT tunnel or directly. Members in dependency order.
   kj::Own<kj::ConnectionReceiver> listener;
   kj::Own<kj::NetworkAddress> address;
   kj::Own<ConnectionPool> pool;
 
   Env() {
+    host = "origin.test";
     auto& network = io.provider->getNetwork();
     listener = network.parseAddress("127.0.0.1", 0).wait(ws)->listen();
     address = network.parseAddress("127.0.0.1", listener->getPort()).wait(ws);
@@ -121,49 +89,6 @@ struct Env {
 
   void directPool(ConnectionPool::Settings settings = {}) {
     pool = kj::heap<ConnectionPool>(timer, table, addressConnector(*address), kj::mv(settings));
-  }
-
-  kj::HttpHeaders headers() {
-    kj::HttpHeaders h(table);
-    h.set(kj::HttpHeaderId::HOST, "origin.test");
-    return h;
-  }
-
-  template <typename T>
-  T bounded(kj::Promise<T> promise) {
-    // Waits for `promise`, failing the test instead of hanging.
-    return promise.exclusiveJoin(timer.afterDelay(LIMIT).then([]() -> T {
-      KJ_FAIL_ASSERT("timed out: the library hung on a hostile peer");
-    })).wait(ws);
-  }
-
-  void bounded(kj::Promise<void> promise) {
-    promise.exclusiveJoin(timer.afterDelay(LIMIT).then([]() {
-      KJ_FAIL_ASSERT("timed out: the library hung on a hostile peer");
-    })).wait(ws);
-  }
-
-  template <typename T>
-  kj::Exception failureOf(kj::Promise<T> promise) {
-    // Waits (bounded) for `promise` to fail, and returns why; success fails the test.
-    auto outcome = promise.then([](T&&) -> kj::Maybe<kj::Exception> { return nullptr; },
-        [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); });
-    KJ_IF_SOME(e, bounded(kj::mv(outcome))) {
-      return kj::mv(e);
-    }
-    KJ_FAIL_ASSERT("expected a failure, but it succeeded");
-  }
-
-  void settle(kj::Duration d = 20 * kj::MILLISECONDS) {
-    timer.afterDelay(d).wait(ws);
-  }
-
-  template <typename Func>
-  void waitFor(Func&& condition) {
-    auto deadline = timer.now() + LIMIT;
-    while (!condition() && timer.now() < deadline) {
-      timer.afterDelay(1 * kj::MILLISECONDS).wait(ws);
-    }
   }
 
   kj::Own<Peer> accept() {
@@ -194,6 +119,18 @@ struct Env {
     }).eagerlyEvaluate(nullptr);
   }
 
+  void expectReusableTunnel(kj::StringPtr answer) {
+    // Through a tunnel the proxy opens with `answer` (one write), two GETs, the second reusing the
+    // connection.
+    tunnelPool();
+    auto first = get("/a");
+    auto proxy = acceptConnect();
+    proxy->send(answer);
+    KJ_EXPECT(serve(*proxy, kj::mv(first), "/a") == "/a");
+    KJ_EXPECT(serve(*proxy, get("/b"), "/b") == "/b");
+    KJ_EXPECT(pool->getStats().reuses == 1, pool->getStats().reuses);
+  }
+
   kj::String serve(Peer& peer, kj::Promise<kj::String> response, kj::StringPtr path) {
     // Plays the origin at the far end of a tunnel: expects the GET for `path`, answers it, and
     // returns what the caller got. If no request comes, says why the pool gave up instead.
@@ -208,59 +145,19 @@ struct Env {
   }
 };
 
-struct FetcherEnv {
-  // One event loop, one loopback TCP connection, a StreamFetcher on the client end and a scripted
-  // peer on the other. Members in dependency order.
-  kj::AsyncIoContext io = kj::setupAsyncIo();
-  kj::WaitScope& ws = io.waitScope;
-  kj::Timer& timer = io.provider->getTimer();
-  kj::HttpHeaderTable table;
+struct FetcherEnv: public test::LoopEnv {
+  // One loopback TCP connection, a StreamFetcher on the client end and a scripted peer on the
+  // other.
   kj::Own<StreamFetcher> fetcher;
   kj::Own<Peer> peer;
 
   FetcherEnv() {
+    host = "origin.test";
     auto transport = test::tcpTransport(io);
     StreamFetcher::Settings settings;
     settings.timer = timer;
     fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table, kj::mv(settings));
     peer = kj::heap<Peer>(ws, kj::mv(transport.server));
-  }
-
-  kj::HttpHeaders headers() {
-    kj::HttpHeaders h(table);
-    h.set(kj::HttpHeaderId::HOST, "origin.test");
-    return h;
-  }
-
-  template <typename T>
-  T bounded(kj::Promise<T> promise) {
-    return promise.exclusiveJoin(timer.afterDelay(LIMIT).then([]() -> T {
-      KJ_FAIL_ASSERT("timed out: the library hung on a hostile peer");
-    })).wait(ws);
-  }
-
-  void bounded(kj::Promise<void> promise) {
-    promise.exclusiveJoin(timer.afterDelay(LIMIT).then([]() {
-      KJ_FAIL_ASSERT("timed out: the library hung on a hostile peer");
-    })).wait(ws);
-  }
-
-  template <typename T>
-  kj::Exception failureOf(kj::Promise<T> promise) {
-    auto outcome = promise.then([](T&&) -> kj::Maybe<kj::Exception> { return nullptr; },
-        [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); });
-    KJ_IF_SOME(e, bounded(kj::mv(outcome))) {
-      return kj::mv(e);
-    }
-    KJ_FAIL_ASSERT("expected a failure, but it succeeded");
-  }
-
-  template <typename Func>
-  void waitFor(Func&& condition) {
-    auto deadline = timer.now() + LIMIT;
-    while (!condition() && timer.now() < deadline) {
-      timer.afterDelay(1 * kj::MILLISECONDS).wait(ws);
-    }
   }
 
   kj::Promise<kj::HttpClient::WebSocketResponse> openWebSocket() {
@@ -290,24 +187,7 @@ struct FetcherEnv {
     KJ_EXPECT_THROW(DISCONNECTED, fetcher->request(kj::HttpMethod::GET, "/", headers()));
   }
 
-  bool drainsToEnd() {
-    // Reads everything the client still sends until it closes (FIN or RST), within LIMIT.
-    auto buffer = kj::heapArray<kj::byte>(1 << 16);
-    auto deadline = timer.now() + LIMIT;
-    while (timer.now() < deadline) {
-      auto read = kj::evalNow([&]() {
-        return peer->getStream().tryRead(buffer.begin(), 1, buffer.size());
-      });
-      auto result = read.then([](size_t n) -> int { return n == 0 ? 1 : 0; },
-                               [](kj::Exception&& e) -> int {
-        return e.getType() == kj::Exception::Type::DISCONNECTED ? 1 : 2;
-      }).exclusiveJoin(timer.afterDelay(deadline - timer.now()).then([]() { return 3; }));
-      int outcome = result.wait(ws);
-      if (outcome == 1) return true;
-      if (outcome != 0) return false;
-    }
-    return false;
-  }
+  bool drainsToEnd() { return LoopEnv::drainsToEnd(*peer); }
 };
 
 // =================================================================================================
@@ -331,25 +211,13 @@ KJ_TEST("hostile proxy: an HTTP/1.0 200 opens the tunnel; the origin's own answe
   // Many proxies answer CONNECT in HTTP/1.0. That says nothing about the origin's HTTP/1.1
   // connection inside the tunnel, which stays reusable.
   Env env;
-  env.tunnelPool();
-  auto first = env.get("/a");
-  auto proxy = env.acceptConnect();
-  proxy->send("HTTP/1.0 200 Connection established\r\n\r\n");
-  KJ_EXPECT(env.serve(*proxy, kj::mv(first), "/a") == "/a");
-  KJ_EXPECT(env.serve(*proxy, env.get("/b"), "/b") == "/b");
-  KJ_EXPECT(env.pool->getStats().reuses == 1, env.pool->getStats().reuses);
+  env.expectReusableTunnel("HTTP/1.0 200 Connection established\r\n\r\n");
 }
 
 KJ_TEST("hostile proxy: an answer whose lines end in a bare LF opens the tunnel") {
   // RFC 9112 2.2 lets a recipient take a lone LF as a line end (here for an interim answer too).
   Env env;
-  env.tunnelPool();
-  auto first = env.get("/a");
-  auto proxy = env.acceptConnect();
-  proxy->send("HTTP/1.1 100 Wait\n\nHTTP/1.1 200 OK\nProxy-Agent: lf\n\n");
-  KJ_EXPECT(env.serve(*proxy, kj::mv(first), "/a") == "/a");
-  KJ_EXPECT(env.serve(*proxy, env.get("/b"), "/b") == "/b");
-  KJ_EXPECT(env.pool->getStats().reuses == 1, env.pool->getStats().reuses);
+  env.expectReusableTunnel("HTTP/1.1 100 Wait\n\nHTTP/1.1 200 OK\nProxy-Agent: lf\n\n");
 }
 
 KJ_TEST("hostile proxy: Content-Length and Transfer-Encoding on a 200 to CONNECT are ignored") {

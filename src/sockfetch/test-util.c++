@@ -7,6 +7,9 @@
 #include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 namespace sockfetch {
 namespace test {
@@ -123,6 +126,60 @@ bool Peer::sawEof() {
     return e.getType() == kj::Exception::Type::DISCONNECTED;
   }
   return !more;
+}
+
+bool LoopEnv::drainsToEnd(Peer& peer) {
+  auto buffer = kj::heapArray<kj::byte>(1 << 16);
+  auto deadline = timer.now() + limit;
+  while (timer.now() < deadline) {
+    // (evalNow: a reset is thrown by kj's socket from tryRead() itself.)
+    auto read = kj::evalNow([&]() {
+      return peer.getStream().tryRead(buffer.begin(), 1, buffer.size());
+    });
+    auto result = read.then([](size_t n) -> int { return n == 0 ? 1 : 0; },
+                             [](kj::Exception&& e) -> int {
+      return e.getType() == kj::Exception::Type::DISCONNECTED ? 1 : 2;
+    }).exclusiveJoin(timer.afterDelay(deadline - timer.now()).then([]() { return 3; }));
+    int outcome = result.wait(ws);
+    if (outcome == 1) return true;
+    if (outcome != 0) return false;
+  }
+  return false;
+}
+
+void resetConnection(Peer& peer) {
+  int fd = KJ_ASSERT_NONNULL(peer.getStream().getFd());
+  struct linger lin = {1, 0};
+  KJ_SYSCALL(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lin, sizeof(lin)));
+  peer.close();
+}
+
+void noDelay(Peer& peer) {
+  int fd = KJ_ASSERT_NONNULL(peer.getStream().getFd());
+  int one = 1;
+  KJ_SYSCALL(setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
+}
+
+namespace {
+
+kj::Promise<void> trickleFrom(kj::AsyncIoStream& out, kj::Timer& timer, kj::StringPtr bytes,
+    size_t i) {
+  if (i == bytes.size()) return kj::READY_NOW;
+  return out.write(bytes.begin() + i, 1).then([&out, &timer, bytes, i]() {
+    return timer.afterDelay(100 * kj::MICROSECONDS).then([&out, &timer, bytes, i]() {
+      return trickleFrom(out, timer, bytes, i + 1);
+    });
+  });
+}
+
+}  // namespace
+
+kj::Promise<void> trickle(kj::AsyncIoStream& out, kj::Timer& timer, kj::StringPtr bytes) {
+  return trickleFrom(out, timer, bytes, 0);
+}
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
+  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
 }
 
 Transport pipeTransport() {

@@ -2,7 +2,10 @@
 // Test helpers for sockfetch: a scripted HTTP peer over either an in-process pipe or a real
 // loopback TCP connection, so that each behaviour is checked on both transports.
 
+#include <sockfetch/kj-compat.h>
+
 #include <kj/async-io.h>
+#include <kj/debug.h>
 #include <kj/compat/http.h>
 #include <kj/string.h>
 #include <kj/test.h>
@@ -51,6 +54,78 @@ private:
   void fillAtLeast(size_t n);
   bool tryFill();
 };
+
+struct LoopEnv {
+  // An event loop with its timer and a header table, for a test's Env to derive from, and waits
+  // that fail the test rather than hang: a wait that reaches `limit` found a hang.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::WaitScope& ws = io.waitScope;
+  kj::Timer& timer = io.provider->getTimer();
+  kj::HttpHeaderTable table;
+  kj::StringPtr host = "upstream.test";
+  kj::Duration limit = 2 * kj::SECONDS;
+
+  kj::HttpHeaders headers() {
+    // Request headers naming `host`.
+    kj::HttpHeaders h(table);
+    h.set(kj::HttpHeaderId::HOST, host);
+    return h;
+  }
+
+  template <typename T>
+  T bounded(kj::Promise<T> promise) {
+    // Waits for `promise`, failing the test instead of hanging.
+    return promise.exclusiveJoin(timer.afterDelay(limit).then([]() -> T {
+      KJ_FAIL_ASSERT("timed out: the library hung");
+    })).wait(ws);
+  }
+
+  void bounded(kj::Promise<void> promise) {
+    promise.exclusiveJoin(timer.afterDelay(limit).then([]() {
+      KJ_FAIL_ASSERT("timed out: the library hung");
+    })).wait(ws);
+  }
+
+  template <typename T>
+  kj::Exception failureOf(kj::Promise<T> promise) {
+    // Waits (bounded) for `promise` to fail, and returns why; success fails the test.
+    auto outcome = promise.then([](T&&) -> kj::Maybe<kj::Exception> { return nullptr; },
+        [](kj::Exception&& e) -> kj::Maybe<kj::Exception> { return kj::mv(e); });
+    KJ_IF_SOME(e, bounded(kj::mv(outcome))) {
+      return kj::mv(e);
+    }
+    KJ_FAIL_ASSERT("expected a failure, but it succeeded");
+  }
+
+  void settle(kj::Duration d = 20 * kj::MILLISECONDS) {
+    // Lets deferred closes and the peer's reactions happen.
+    timer.afterDelay(d).wait(ws);
+  }
+
+  template <typename Func>
+  void waitFor(Func&& condition) {
+    // Runs the event loop until `condition()` holds, or `limit` passes (the caller then checks).
+    auto deadline = timer.now() + limit;
+    while (!condition() && timer.now() < deadline) {
+      timer.afterDelay(1 * kj::MILLISECONDS).wait(ws);
+    }
+  }
+
+  bool drainsToEnd(Peer& peer);
+  // Reads (and drops) everything the client still sends until it closes (FIN or RST), within
+  // `limit`; false if it did not close by then.
+};
+
+void resetConnection(Peer& peer);
+// Closes the peer's socket with SO_LINGER 0, so that the kernel sends RST instead of FIN.
+
+void noDelay(Peer& peer);
+// TCP_NODELAY: each small write leaves as its own segment, so trickled bytes really arrive apart.
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle);
+
+kj::Promise<void> trickle(kj::AsyncIoStream& out, kj::Timer& timer, kj::StringPtr bytes);
+// Writes `bytes` one byte per write, a little apart. `bytes` must outlive the promise.
 
 struct Transport {
   // A connected pair: `client` for the code under test, `peer` for the script.
