@@ -211,9 +211,11 @@ void ResponseFramer::parseEof() {
             "the server closed the connection without sending a response; retry on a new "
             "connection"));
       }
-      kj::throwFatalException(malformed("connection closed in the middle of the response head"));
+      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the connection closed in the middle "
+          "of the response head, so the response is incomplete; the connection was dropped"));
     default:
-      kj::throwFatalException(malformed("connection closed before the end of the response body"));
+      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the connection closed before the end "
+          "of the response body, so the response is incomplete; the connection was dropped"));
   }
 }
 
