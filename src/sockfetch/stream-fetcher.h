@@ -37,6 +37,11 @@ class StreamFetcher final: public kj::HttpClient {
   // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
   // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
   //
+  // A body delimited by the connection closing ends where the stream reports its end. Over
+  // kj-tls 0.9.2 that includes a TCP close without TLS close_notify, which anyone on the path can
+  // forge: such a body may be cut short without an error (it is never reused). Bodies framed by
+  // Content-Length or chunked encoding fail when cut. Prefer upstreams that frame their bodies.
+  //
   // Lifetimes: the header table must outlive the fetcher and every response. A response's
   // headers and statusText stay valid until its body is dropped. Responses, bodies and promises
   // may outlive the fetcher and may be destroyed in any order; a response still in flight when
