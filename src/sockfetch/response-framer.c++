@@ -212,10 +212,12 @@ void ResponseFramer::parseEof() {
             "connection"));
       }
       kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the connection closed in the middle "
-          "of the response head, so the response is incomplete; the connection was dropped"));
+          "of the response head, so the response is incomplete; retry on a new connection if the "
+          "request is safe to repeat"));
     default:
       kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the connection closed before the end "
-          "of the response body, so the response is incomplete; the connection was dropped"));
+          "of the response body, so the response is incomplete; retry on a new connection if the "
+          "request is safe to repeat"));
   }
 }
 
