@@ -518,8 +518,8 @@ void FramedStream::shutdownNow() {
 
 kj::Maybe<kj::Exception> FramedStream::writeRefusal() {
   KJ_IF_SOME(reason, refusal) {
-    return KJ_EXCEPTION(DISCONNECTED, kj::str("the connection was closed (", reason, "); nothing "
-        "more can be written to it"));
+    return KJ_EXCEPTION(DISCONNECTED, kj::str("the connection was closed (", reason, "), so the "
+        "rest of the request cannot be sent; send the request again if it must reach the server"));
   }
   return nullptr;
 }
