@@ -1,6 +1,7 @@
 #include "connector.h"
 
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/response-framer.h>
 
 #include <kj/debug.h>
 #include <kj/vector.h>
@@ -64,22 +65,6 @@ struct ProxyHandshake {
   unsigned interim = 0;
 };
 
-kj::Maybe<unsigned> parseStatusLine(kj::StringPtr line) {
-  // "HTTP/1.x DDD[ reason]" (RFC 9112 4): the status code, or null if the line is not that.
-  if (line.size() < 12 || !line.startsWith("HTTP/1.") || (line[7] != '0' && line[7] != '1') ||
-      line[8] != ' ') {
-    return nullptr;
-  }
-  unsigned status = 0;
-  for (size_t i = 9; i < 12; i++) {
-    if (line[i] < '0' || line[i] > '9') return nullptr;
-    status = status * 10 + (line[i] - '0');
-  }
-  if (line.size() > 12 && line[12] != ' ') return nullptr;
-  if (status < 100) return nullptr;
-  return status;
-}
-
 kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
   // A failure of the connection to the proxy before its answer, said as such: in a pool it
   // would otherwise read like the origin failing a request.
@@ -106,7 +91,7 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
     while (chars[lineEnd] != '\r' && chars[lineEnd] != '\n') lineEnd++;
     auto statusLine = kj::heapString(chars, lineEnd);
     unsigned status = 0;
-    KJ_IF_SOME(s, parseStatusLine(statusLine)) {
+    KJ_IF_SOME(s, parseStatusCode(statusLine)) {
       status = s;
     } else {
       return KJ_EXCEPTION(FAILED, kj::str("the proxy answered CONNECT to ", state->target,

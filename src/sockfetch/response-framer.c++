@@ -122,6 +122,22 @@ kj::Exception malformed(kj::StringPtr what) {
 
 }  // namespace
 
+kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {
+  if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
+      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
+    return nullptr;
+  }
+  unsigned status = 0;
+  for (size_t i = 9; i < 12; i++) {
+    char c = statusLine[i];
+    if (c < '0' || c > '9') return nullptr;
+    status = status * 10 + (c - '0');
+  }
+  if (statusLine.size() > 12 && statusLine[12] != ' ') return nullptr;
+  if (status < 100) return nullptr;
+  return status;
+}
+
 ResponseFramer::ResponseFramer(Limits limits): limits(limits) {}
 
 void ResponseFramer::start(kj::HttpMethod requestMethod) {
@@ -580,23 +596,12 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
 }
 
 void ResponseFramer::parseStatusLine(kj::ArrayPtr<const char> statusLine) {
-  // HTTP/1.x SP 3DIGIT [SP reason]
-  if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
-      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
+  KJ_IF_SOME(status, parseStatusCode(statusLine)) {
+    head.http10 = statusLine[7] == '0';
+    head.status = status;
+  } else {
     kj::throwFatalException(malformed("invalid status line"));
   }
-  head.http10 = statusLine[7] == '0';
-  unsigned status = 0;
-  for (size_t i = 9; i < 12; i++) {
-    char c = statusLine[i];
-    if (c < '0' || c > '9') kj::throwFatalException(malformed("invalid status code"));
-    status = status * 10 + (c - '0');
-  }
-  if (statusLine.size() > 12 && statusLine[12] != ' ') {
-    kj::throwFatalException(malformed("invalid status code"));
-  }
-  if (status < 100) kj::throwFatalException(malformed("invalid status code"));
-  head.status = status;
 }
 
 kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {

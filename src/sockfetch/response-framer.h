@@ -6,6 +6,10 @@
 
 namespace sockfetch {
 
+kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine);
+// The status code of an HTTP/1.x status line ("HTTP/1.x SP 3DIGIT [SP reason]", RFC 9112 4,
+// without its line end), or null if the line is not one (or its code is below 100).
+
 class ResponseFramer {
   // Knows where one HTTP/1.x response ends on a connection, so that the per-exchange
   // kj::HttpClient reading through it is never handed a byte that belongs to anything after it.
