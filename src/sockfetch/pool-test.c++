@@ -209,6 +209,22 @@ KJ_TEST("ConnectionPool closes a connection that comes back to make room for a r
   KJ_EXPECT(env.server->pipelined == 0);
 }
 
+KJ_TEST("ConnectionPool does not retry a GET that fails on a new connection before any response") {
+  // Only a reused connection can be stale: one that fails on its first request does so because
+  // of the server, and sending the request again would just repeat that.
+  Env env([](unsigned, unsigned, kj::StringPtr) {
+    Reply reply;
+    reply.closeAfter = true;  // reads the request, closes without a word
+    return reply;
+  });
+  KJ_EXPECT_THROW(DISCONNECTED, env.get("/once").wait(env.ws));
+  auto& stats = env.pool->getStats();
+  KJ_EXPECT(stats.retries == 0, stats.retries);
+  KJ_EXPECT(env.server->accepted == 1, env.server->accepted);
+  KJ_EXPECT(stats.droppedFailed == 1, stats.droppedFailed);
+  KJ_EXPECT(stats.droppedStale == 0);
+}
+
 KJ_TEST("ConnectionPool retries a WebSocket handshake that hit a stale connection") {
   Env env([](unsigned connection, unsigned request, kj::StringPtr text) {
     if (connection == 0 && request == 1) {
