@@ -169,6 +169,20 @@ public:
     }
   }
 
+  void countUse() {
+    // A request went out on this connection: a reuse if it carried one before.
+    KJ_IF_SOME(p, pool) {
+      if (uses > 0) ++p.stats.reuses;
+    }
+    ++uses;
+  }
+
+  bool lastUseWasStale() const {
+    // After countUse(): the request was a reuse and failed before any response byte arrived
+    // (the stale keep-alive race), so an idempotent one may be sent again.
+    return uses > 1 && !fetcher->lastExchangeReceivedResponse();
+  }
+
   kj::Maybe<ConnectionPool&> pool;
   kj::Own<StreamFetcher> fetcher;
   uint64_t uses = 0;
@@ -276,7 +290,6 @@ public:
           "before the request was sent: ", fetcher.getCloseReason().orDefault("unknown"))),
           false, false);
     }
-    bool reused = connection->uses > 0;
     kj::Maybe<Request> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.request(method, url, headers, expectedBodySize);
@@ -284,8 +297,7 @@ public:
       // Found lost before anything was written (the server closed or poisoned it while idle).
       return retryOrThrow(kj::mv(e), false, false);
     }
-    if (reused) ++pool().stats.reuses;
-    ++connection->uses;
+    connection->countUse();
     auto request = kj::mv(KJ_ASSERT_NONNULL(started));
     switch (bodyMode) {
       case BodyMode::NONE:
@@ -317,11 +329,10 @@ public:
       // The response body keeps the connection (and so its fetcher) alive until it is dropped.
       response.body = response.body.attach(kj::mv(forBody));
       return kj::mv(response);
-    }, [this, reused, connection = kj::mv(connection)](kj::Exception&& e) mutable
+    }, [this, connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
-      auto& f = *connection->fetcher;
-      return retryOrThrow(kj::mv(e), reused && !f.lastExchangeReceivedResponse(),
-          f.lastExchangeWroteRequest());
+      return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
+          connection->fetcher->lastExchangeWroteRequest());
     });
   }
 
@@ -443,7 +454,6 @@ private:
 
   kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {
     auto& fetcher = *connection->fetcher;
-    bool reused = connection->uses > 0;
     kj::Maybe<kj::Promise<WebSocketResponse>> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
@@ -451,10 +461,7 @@ private:
       // Lost while idle (or since it was handed out): nothing was written.
       return retryOrThrow(kj::mv(e), false, false);
     }
-    KJ_IF_SOME(p, life->pool) {
-      if (reused) ++p.stats.reuses;
-    }
-    ++connection->uses;
+    connection->countUse();
     auto forResult = kj::addRef(*connection);
     return KJ_ASSERT_NONNULL(kj::mv(started)).then(
         [connection = kj::mv(forResult)](WebSocketResponse&& response) mutable
@@ -469,11 +476,10 @@ private:
         }
       }
       return kj::mv(response);
-    }, [this, reused, connection = kj::mv(connection)](kj::Exception&& e) mutable
+    }, [this, connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<WebSocketResponse> {
-      auto& f = *connection->fetcher;
-      return retryOrThrow(kj::mv(e), reused && !f.lastExchangeReceivedResponse(),
-          f.lastExchangeWroteRequest());
+      return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
+          connection->fetcher->lastExchangeWroteRequest());
     });
   }
 
