@@ -1,5 +1,7 @@
 #include "chaos-upstream.h"
 
+#include <sockfetch/test-util.h>
+
 #include <kj/debug.h>
 #include <ctype.h>
 #include <netinet/in.h>
@@ -122,14 +124,7 @@ struct ChaosUpstream::Connection {
       struct linger lin = {1, 0};
       KJ_SYSCALL(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lin, sizeof(lin)));
     }
-    auto& list = server.connections;
-    for (size_t i = 0; i < list.size(); i++) {
-      if (list[i] == this) {
-        list[i] = list.back();
-        list.removeLast();
-        break;
-      }
-    }
+    test::forget(server.connections, this);
   }
   KJ_DISALLOW_COPY(Connection);
 

@@ -361,14 +361,7 @@ struct ScriptedServer::Connection {
     ++server.open;
   }
   ~Connection() noexcept(false) {
-    auto& list = server.connections;
-    for (size_t i = 0; i < list.size(); i++) {
-      if (list[i] == this) {
-        list[i] = list.back();
-        list.removeLast();
-        break;
-      }
-    }
+    forget(server.connections, this);
     --server.open;
   }
 };

@@ -9,6 +9,7 @@
 #include <kj/compat/http.h>
 #include <kj/string.h>
 #include <kj/test.h>
+#include <kj/vector.h>
 
 namespace sockfetch {
 namespace test {
@@ -123,6 +124,18 @@ void noDelay(Peer& peer);
 // TCP_NODELAY: each small write leaves as its own segment, so trickled bytes really arrive apart.
 
 bool contains(kj::StringPtr haystack, kj::StringPtr needle);
+
+template <typename T>
+void forget(kj::Vector<T*>& list, T* item) {
+  // Removes `item` from an unordered list of live objects (the last one takes its place).
+  for (size_t i = 0; i < list.size(); i++) {
+    if (list[i] == item) {
+      list[i] = list.back();
+      list.removeLast();
+      return;
+    }
+  }
+}
 
 kj::Promise<void> trickle(kj::AsyncIoStream& out, kj::Timer& timer, kj::StringPtr bytes);
 // Writes `bytes` one byte per write, a little apart. `bytes` must outlive the promise.
