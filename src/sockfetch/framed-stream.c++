@@ -533,7 +533,11 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
   }
   bool isTerminator = mode == Mode::EXCHANGE && size == CHUNKED_TERMINATOR.size() &&
       memcmp(buffer, CHUNKED_TERMINATOR.begin(), size) == 0;
-  return trackWrite(kj::evalNow([&]() { return raw->write(buffer, size); }), isTerminator);
+  struct iovec piece = {const_cast<void*>(buffer), size};
+  size_t sent = sendNow(&piece, 1, size);
+  if (sent == size) return wroteNow(isTerminator);
+  auto rest = reinterpret_cast<const kj::byte*>(buffer) + sent;
+  return trackWrite(kj::evalNow([&]() { return raw->write(rest, size - sent); }), isTerminator);
 }
 
 kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
@@ -555,7 +559,56 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
     }
     isTerminator = memcmp(joined, CHUNKED_TERMINATOR.begin(), 5) == 0;
   }
+  constexpr size_t MAX_PIECES = 16;
+  if (pieces.size() <= MAX_PIECES) {
+    struct iovec iov[MAX_PIECES];
+    for (size_t i = 0; i < pieces.size(); i++) {
+      iov[i] = {const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()};
+    }
+    size_t sent = sendNow(iov, pieces.size(), total);
+    if (sent == total) return wroteNow(isTerminator);
+    if (sent > 0) {
+      // Part of it went out: kj writes the rest, as one piece (rare: the socket buffer filled).
+      auto rest = kj::heapArray<kj::byte>(total - sent);
+      size_t skip = sent, pos = 0;
+      for (auto& p: pieces) {
+        size_t from = kj::min(skip, p.size());
+        skip -= from;
+        memcpy(rest.begin() + pos, p.begin() + from, p.size() - from);
+        pos += p.size() - from;
+      }
+      auto bytes = rest.asPtr();
+      return trackWrite(kj::evalNow([&]() { return raw->write(bytes.begin(), bytes.size()); })
+          .attach(kj::mv(rest)), isTerminator);
+    }
+  }
   return trackWrite(kj::evalNow([&]() { return raw->write(pieces); }), isTerminator);
+}
+
+size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total) {
+  // On a plain socket with no write of kj's pending (which would have to go first), sends what
+  // the kernel takes at once: the usual request then costs a system call and no promise. Anything
+  // unusual (the socket buffer is full, an error) is left to kj's write, which does it again and
+  // reports it as kj does.
+  if (!plainSocket || writesInFlight > 0 || total == 0) return 0;
+  KJ_IF_SOME(fd, raw->getFd()) {
+    struct msghdr message;
+    memset(&message, 0, sizeof(message));
+    message.msg_iov = const_cast<struct iovec*>(iov);
+    message.msg_iovlen = count;
+    ssize_t n;
+    do {
+      n = sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? 0 : static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+kj::Promise<void> FramedStream::wroteNow(bool isTerminator) {
+  ++writesCompleted;
+  if (isTerminator) chunkedTerminatorWritten = true;
+  return kj::READY_NOW;
 }
 
 kj::Promise<void> FramedStream::whenWriteDisconnected() {
