@@ -54,6 +54,46 @@ KJ_TEST("ResponseFramer passes a Content-Length response and stops at its end") 
   KJ_EXPECT(framer.whyNotReusable() == nullptr);
 }
 
+KJ_TEST("ResponseFramer reads field names and tokens in any case, and only exact ones") {
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nCONTENT-length: 2\r\ncOnNeCtIoN: Keep-Alive, "
+        "CLOSE\r\n\r\nokNEXT"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.residue == 4);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(framer.whyNotReusable()) == "the server sent `Connection: close`");
+  }
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: gzip, CHUNKED\r\n\r\n"
+        "2\r\nok\r\n0\r\n\r\nNEXT"_kj});
+    KJ_EXPECT(fed.complete);
+    KJ_EXPECT(fed.residue == 4);
+  }
+  // Names one byte off (a space, an underscore, a letter, '-' moved) are other fields: without
+  // framing, the body runs to the end of the connection.
+  for (auto head: {"Content Length: 2"_kj, "Content_Length: 2"_kj, "Content-Lengti: 2"_kj,
+                   "Contentl-ength: 2"_kj, "Transfer-Encodinh: chunked"_kj,
+                   "Transfer_Encoding: chunked"_kj}) {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    auto fed = feed(framer, {kj::str("HTTP/1.1 200 OK\r\n", head, "\r\n\r\nok")});
+    KJ_EXPECT(!fed.complete, head);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(framer.whyNotReusable()) ==
+        "the response body was delimited by the server closing the connection", head);
+  }
+  {
+    ResponseFramer framer;
+    framer.start(kj::HttpMethod::GET);
+    feed(framer, {"HTTP/1.1 200 OK\r\nConnection: clos, keep_alive, closed\r\n"
+        "Content-Length: 0\r\n\r\n"_kj});
+    KJ_EXPECT(framer.isComplete());
+    KJ_EXPECT(framer.whyNotReusable() == nullptr);
+  }
+}
+
 KJ_TEST("ResponseFramer withholds chunked trailers and completes at the final CRLF") {
   ResponseFramer framer;
   framer.start(kj::HttpMethod::GET);

@@ -29,10 +29,21 @@ inline char lower(char c) {
 }
 
 inline bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr lowerCase) {
-  // `lowerCase` is a lower-case literal.
-  if (a.size() != lowerCase.size()) return false;
-  for (size_t i = 0; i < a.size(); i++) {
-    if (lower(a[i]) != lowerCase[i]) return false;
+  // `lowerCase` is a literal of lower-case letters and '-'; `a` is (part of) a head line, which
+  // never contains CR or LF (lines end at either). Setting bit 5 of a byte maps an upper-case
+  // letter to its lower case and keeps lower-case letters and '-'; of all other bytes only CR
+  // would become one of those ('-'). So one OR per byte compares, eight bytes at a time.
+  size_t n = a.size();
+  if (n != lowerCase.size()) return false;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t x, y;
+    memcpy(&x, a.begin() + i, 8);
+    memcpy(&y, lowerCase.begin() + i, 8);
+    if ((x | 0x2020202020202020ull) != y) return false;
+  }
+  for (; i < n; i++) {
+    if ((a[i] | 0x20) != lowerCase[i]) return false;
   }
   return true;
 }
