@@ -329,9 +329,10 @@ public:
       // The response body keeps the connection (and so its fetcher) alive until it is dropped.
       response.body = response.body.attach(kj::mv(forBody));
       return kj::mv(response);
-    }, [this, connection = kj::mv(connection)](kj::Exception&& e) mutable
+    }, [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
-      return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
+      // Holds the attempt (see ConnectionPool::request()) for as long as a retry may need it.
+      return self->retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
     });
   }
@@ -346,8 +347,9 @@ public:
     KJ_IF_SOME(p, life->pool) {
       retried = true;
       ++p.stats.retries;
-      return p.canceler.wrap(p.acquire(true)).then([this](kj::Own<Connection>&& connection) {
-        return sendLater(kj::mv(connection));
+      return p.canceler.wrap(p.acquire(true)).then(
+          [self = kj::addRef(*this)](kj::Own<Connection>&& connection) mutable {
+        return self->sendLater(kj::mv(connection));
       });
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry
@@ -583,19 +585,16 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   } else {
     body = kj::heap<PendingBody>(kj::addRef(*attempt));
   }
-  kj::Maybe<kj::Promise<Response>> started;
+  kj::Promise<Response> response = nullptr;
+  bool sentNow = false;
   if (raw->bodyReady()) {
     KJ_IF_SOME(connection, takeIdle()) {
       // The common case: an idle connection is ready, send now with the caller's headers.
-      started = raw->send(kj::mv(connection), url, headers);
+      response = raw->send(kj::mv(connection), url, headers);
+      sentNow = true;
     }
   }
-  kj::Promise<Response> response = nullptr;
-  KJ_IF_SOME(promise, started) {
-    response = kj::mv(promise);
-  } else {
-    response = raw->run();
-  }
+  if (!sentNow) response = raw->run();
   if (raw->bodyMode == Attempt::BodyMode::STREAMING) {
     // The body's writes wait for a connection, so the request must proceed whether or not the
     // caller awaits the response yet (eagerly), and a writer must hear that there will be no
@@ -607,6 +606,11 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
       raw->failPendingWrites(KJ_EXCEPTION(DISCONNECTED,
           "the request was cancelled before a connection carried its body"));
     })).eagerlyEvaluate(nullptr);
+  }
+  if (sentNow && raw->bodyMode == Attempt::BodyMode::NONE) {
+    // Sent at once, with no body to feed: the response's continuations hold the attempt as long
+    // as they need it, so it needs no attachment of its own (one allocation fewer per request).
+    return Request{kj::mv(body), kj::mv(response)};
   }
   return Request{kj::mv(body), response.attach(kj::mv(attempt))};
 }
