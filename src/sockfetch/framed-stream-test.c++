@@ -224,5 +224,40 @@ KJ_TEST("FramedStream destroyed while its gate settles leaves a pending write sa
   KJ_EXPECT_THROW_MESSAGE("closed before the request was written", write.wait(io.waitScope));
 }
 
+void writeAfterReset(bool pieces) {
+  // The kernel reports a reset once: the first send after the RST fails with ECONNRESET and
+  // clears it; every later one sees only a closed socket (EPIPE, "Broken pipe", and SIGPIPE
+  // without MSG_NOSIGNAL). A write that the stream first tries itself (sendNow()) and then leaves
+  // to kj's write, so that kj reports it, must not use up that report on the way: the caller
+  // would be told of a broken pipe, not that the server reset the connection.
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  auto transport = test::tcpTransport(io);
+  FramedStream stream(kj::mv(transport.client), ResponseFramer::Limits(),
+      io.provider->getTimer());
+  test::Peer peer(io.waitScope, kj::mv(transport.server));
+  IgnoreLoss listener;
+  stream.watchIdle(listener);
+  KJ_EXPECT(stream.checkIdleNow() == nullptr);
+  stream.beginExchange(kj::HttpMethod::POST);
+  auto head = "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\n\r\n"_kj;
+  writeAll(stream, head.asBytes()).wait(io.waitScope);
+  peer.readHead();
+  test::resetConnection(peer);  // on loopback the RST has arrived when this returns
+  auto body = "body"_kj.asBytes();
+  kj::ArrayPtr<const kj::byte> parts[] = {body.slice(0, 2), body.slice(2, 4)};
+  KJ_EXPECT_THROW_MESSAGE("Connection reset by peer", (pieces
+      ? stream.write(kj::arrayPtr(parts, 2))
+      : stream.write(body.begin(), body.size())).wait(io.waitScope));
+}
+
+KJ_TEST("FramedStream reports a write to a connection the server reset as a reset (tcp)") {
+  writeAfterReset(false);
+}
+
+KJ_TEST("FramedStream reports a write of pieces to a connection the server reset as a reset "
+    "(tcp)") {
+  writeAfterReset(true);
+}
+
 }  // namespace
 }  // namespace sockfetch

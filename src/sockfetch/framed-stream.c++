@@ -534,7 +534,12 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
   bool isTerminator = mode == Mode::EXCHANGE && size == CHUNKED_TERMINATOR.size() &&
       memcmp(buffer, CHUNKED_TERMINATOR.begin(), size) == 0;
   struct iovec piece = {const_cast<void*>(buffer), size};
-  size_t sent = sendNow(&piece, 1, size);
+  kj::Maybe<kj::Exception> failure;
+  size_t sent = sendNow(&piece, 1, size, failure);
+  KJ_IF_SOME(e, failure) {
+    ++writesInFlight;  // like a failed write of kj's: the connection's state is unknown
+    return kj::mv(e);
+  }
   if (sent == size) return wroteNow(isTerminator);
   auto rest = reinterpret_cast<const kj::byte*>(buffer) + sent;
   return trackWrite(kj::evalNow([&]() { return raw->write(rest, size - sent); }), isTerminator);
@@ -565,31 +570,36 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
     for (size_t i = 0; i < pieces.size(); i++) {
       iov[i] = {const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()};
     }
-    size_t sent = sendNow(iov, pieces.size(), total);
+    kj::Maybe<kj::Exception> failure;
+    size_t sent = sendNow(iov, pieces.size(), total, failure);
+    KJ_IF_SOME(e, failure) {
+      ++writesInFlight;
+      return kj::mv(e);
+    }
     if (sent == total) return wroteNow(isTerminator);
     if (sent > 0) {
-      // Part of it went out: kj writes the rest, as one piece (rare: the socket buffer filled).
-      auto rest = kj::heapArray<kj::byte>(total - sent);
-      size_t skip = sent, pos = 0;
-      for (auto& p: pieces) {
-        size_t from = kj::min(skip, p.size());
-        skip -= from;
-        memcpy(rest.begin() + pos, p.begin() + from, p.size() - from);
-        pos += p.size() - from;
-      }
-      auto bytes = rest.asPtr();
-      return trackWrite(kj::evalNow([&]() { return raw->write(bytes.begin(), bytes.size()); })
-          .attach(kj::mv(rest)), isTerminator);
+      // kj writes the rest: the pieces not yet sent, the first of them cut where the kernel
+      // stopped. The bytes stay the caller's (valid until the write completes, as for any write);
+      // only the list of pieces is new.
+      size_t first = 0;
+      while (sent >= pieces[first].size()) sent -= pieces[first++].size();
+      auto rest = kj::heapArray<kj::ArrayPtr<const kj::byte>>(pieces.size() - first);
+      rest[0] = pieces[first].slice(sent, pieces[first].size());
+      for (size_t i = 1; i < rest.size(); i++) rest[i] = pieces[first + i];
+      auto restPtr = rest.asPtr();
+      return trackWrite(kj::evalNow([&]() { return raw->write(restPtr); }).attach(kj::mv(rest)),
+          isTerminator);
     }
   }
   return trackWrite(kj::evalNow([&]() { return raw->write(pieces); }), isTerminator);
 }
 
-size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total) {
+size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total,
+    kj::Maybe<kj::Exception>& failure) {
   // On a plain socket with no write of kj's pending (which would have to go first), sends what
-  // the kernel takes at once: the usual request then costs a system call and no promise. Anything
-  // unusual (the socket buffer is full, an error) is left to kj's write, which does it again and
-  // reports it as kj does.
+  // the kernel takes at once: the usual request then costs a system call and no promise. What
+  // the kernel does not take now (its buffer is full) is left to kj's write. An error is
+  // reported here, as kj would: the kernel reports some (a reset) to one call only.
   if (!plainSocket || writesInFlight > 0 || total == 0) return 0;
   KJ_IF_SOME(fd, raw->getFd()) {
     struct msghdr message;
@@ -600,7 +610,11 @@ size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total
     do {
       n = sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
-    return n < 0 ? 0 : static_cast<size_t>(n);
+    if (n >= 0) return static_cast<size_t>(n);
+    int error = errno;
+    if (error != EAGAIN && error != EWOULDBLOCK && error != ENOTSOCK) {
+      failure = kj::runCatchingExceptions([&]() { KJ_FAIL_SYSCALL("sendmsg()", error); });
+    }
   }
   return 0;
 }
