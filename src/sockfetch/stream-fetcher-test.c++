@@ -984,13 +984,17 @@ BOTH_TRANSPORTS(closeHeardWhenResponseOver,
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::ABANDONED);
   KJ_EXPECT(counter.closed == 0, "told of a close while the response is still being read");
-  if (env.tcp) KJ_EXPECT(env.peer->readWouldBlock(), "the connection closed under its response");
+  if (env.tcp) {
+    KJ_EXPECT(env.peer->readWouldBlock(), "the connection closed under its response");
+  }
   auto rest = env.peer->sendLater("cd");
   KJ_EXPECT(r.body->tryRead(text + 2, 2, 2).wait(env.ws) == 2);
   KJ_EXPECT(kj::heapString(text, 4) == "abcd");
   rest.wait(env.ws);
   KJ_EXPECT(counter.closed == 1);
-  if (env.tcp) KJ_EXPECT(env.peer->sawEof(), "the connection stayed open after its response");
+  if (env.tcp) {
+    KJ_EXPECT(env.peer->sawEof(), "the connection stayed open after its response");
+  }
   env.fetcher->setObserver(nullptr);
 }
 
@@ -1012,7 +1016,9 @@ BOTH_TRANSPORTS(earlyResponse,
   KJ_EXPECT(env.fetcher->getCloseKind() == StreamFetcher::CloseKind::REQUEST_INCOMPLETE);
   // The caller still holds the request body, and so the connection, yet it is closed now: the
   // server sees it go (a pool no longer counts it), and writes fail with the reason.
-  if (env.tcp) KJ_EXPECT(env.peer->sawEof());
+  if (env.tcp) {
+    KJ_EXPECT(env.peer->sawEof());
+  }
   KJ_EXPECT_THROW_MESSAGE("connection was closed (the response ended after only 5 of the 10",
       req.body->write("x", 1).wait(env.ws));
 }

@@ -33,8 +33,9 @@ constexpr kj::StringPtr CERT =
     "RYV+ms7tVxdxaFj8baNWt7wWPmc8OUlJ3Q==\n"
     "-----END CERTIFICATE-----\n"_kj;
 // A self-signed test certificate for "localhost", valid until 2126, made with:
-//   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 \
+//   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500
 //       -subj /CN=localhost -addext subjectAltName=DNS:localhost
+// (one command line).
 
 constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
 
