@@ -84,8 +84,8 @@ struct LineBreak {
 };
 
 const char* findCrOrLf(const char* p, const char* end) {
-  // The first CR or LF in [p, end), or `end`. Sixteen bytes at a time where SSE2 is available: a
-  // response head is scanned once per line, and this is most of the framer's work per response.
+  // The first CR or LF in [p, end), or `end`. Sixteen bytes at a time where SSE2 is available
+  // (every x86-64), byte by byte elsewhere and for the last few bytes.
 #if defined(__SSE2__)
   const __m128i cr = _mm_set1_epi8('\r');
   const __m128i lf = _mm_set1_epi8('\n');
