@@ -19,54 +19,11 @@ if [[ $cpus != any && $cpus != one && $cpus != both ]]; then
   exit 2
 fi
 
-bench=$(dirname "$0")/fetch-bench-main
-[[ -x $bench ]] || bench=$(find "${RUNFILES_DIR:-$0.runfiles}" -name fetch-bench-main -type f | head -1)
-
-if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
-  echo "fetch-bench: installing nginx (Debian package)" >&2
-  sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
-  $sudo apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends nginx >&2
-fi
-nginx=$(command -v nginx || echo /usr/sbin/nginx)
-
-dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-head -c 65536 /dev/zero | tr '\0' 'x' > "$dir/big"
-cat > "$dir/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  open_file_cache max=16;
-  tcp_nodelay on;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-  client_body_temp_path $dir;
-  proxy_temp_path $dir;
-  fastcgi_temp_path $dir;
-  uwsgi_temp_path $dir;
-  scgi_temp_path $dir;
-  server {
-    listen 127.0.0.1:$port;
-    location = /small { default_type text/plain; return 200 "Hello, world!"; }
-    location = /big { alias $dir/big; default_type text/plain; }
-  }
-}
-CONF
-ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
-"$nginx" -c "$dir/nginx.conf" -e "$dir/error.log" &
-nginx_pid=$!
-cleanup() { kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.05
-done
-echo "upstream: $("$nginx" -v 2>&1), 1 worker, 127.0.0.1:$port" >&2
+runfiles=${RUNFILES_DIR:-$0.runfiles}
+source "$(dirname "$0")/nginx-upstream.sh" 2>/dev/null ||
+  source "$(find -L "$runfiles" -name nginx-upstream.sh | head -1)"
+bench=$(find_runfile fetch-bench-main)
+start_nginx_upstream
 
 pass() {
   local which=$1
