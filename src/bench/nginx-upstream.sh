@@ -20,7 +20,8 @@ start_nginx_upstream() {
   local nginx
   nginx=$(command -v nginx || echo /usr/sbin/nginx)
   upstream_dir=$(mktemp -d)
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(python3 -c \
+      'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   head -c 65536 /dev/zero | tr '\0' 'x' > "$upstream_dir/big"
   cat > "$upstream_dir/nginx.conf" <<CONF
 worker_processes 1;
@@ -49,7 +50,8 @@ CONF
   ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
   "$nginx" -c "$upstream_dir/nginx.conf" -e "$upstream_dir/error.log" &
   nginx_pid=$!
-  trap 'kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true; rm -rf "$upstream_dir"' EXIT
+  trap 'kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true
+        rm -rf "$upstream_dir"' EXIT
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.05

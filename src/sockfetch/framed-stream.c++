@@ -597,8 +597,8 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
 size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total,
     kj::Maybe<kj::Exception>& failure) {
   // On a plain socket with no write of kj's pending (which would have to go first), sends what
-  // the kernel takes at once: the usual request then costs a system call and no promise. What
-  // the kernel does not take now (its buffer is full) is left to kj's write. An error is
+  // the kernel takes at once: the usual request then costs a system call and no continuation.
+  // What the kernel does not take now (its buffer is full) is left to kj's write. An error is
   // reported here, as kj would: the kernel reports some (a reset) to one call only.
   if (!plainSocket || writesInFlight > 0 || total == 0) return 0;
   KJ_IF_SOME(fd, raw->getFd()) {
