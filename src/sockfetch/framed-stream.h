@@ -84,6 +84,9 @@ public:
   // This connection will never carry another exchange: every later write fails (DISCONNECTED,
   // with `reason`). Reads go on, for a response still coming.
 
+  kj::Maybe<kj::Exception> writeRefusal();
+  // The error every write gets since refuseWrites(), or null.
+
   void shutdownNow();
   // For a connection that will never be used again but is still referenced (a request body a
   // caller keeps writing): shuts the socket down, so that the server sees it closed now rather
@@ -181,7 +184,6 @@ private:
   // the socket reported an error.
   kj::Promise<void> wroteNow(bool isTerminator);
   // Bookkeeping for a write sendNow() completed.
-  kj::Maybe<kj::Exception> writeRefusal();
 };
 
 class FramedStream::ExchangeView final: public kj::AsyncIoStream {

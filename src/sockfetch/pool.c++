@@ -98,6 +98,11 @@ private:
   kj::Maybe<kj::Own<kj::HttpHeaders>> headers;  // points into `text`
 };
 
+kj::Exception lostBeforeSent(kj::StringPtr reason) {
+  return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
+      "was sent (", reason, "); nothing of it was written, so it is safe to send again"));
+}
+
 bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool staleCandidate,
     bool wroteAny) {
   // Whether a failed request may be sent once more on a new connection: it failed for want of a
@@ -106,6 +111,17 @@ bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool sta
   // keep-alive race).
   return e.getType() == kj::Exception::Type::DISCONNECTED && replayable &&
       (!wroteAny || (staleCandidate && idempotent));
+}
+
+kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e) {
+  // A request that a pooled connection refused before writing anything, because the connection
+  // was found lost: the pool's own words (the fetcher's advise opening a new connection, which is
+  // what the pool does), unless the refusal was for another reason.
+  if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
+  KJ_IF_SOME(reason, fetcher.getCloseReason()) {
+    return lostBeforeSent(reason);
+  }
+  return kj::mv(e);
 }
 
 }  // namespace
@@ -284,18 +300,20 @@ public:
       const kj::HttpHeaders& headers) {
     // `url` and `headers` need only be valid until this returns.
     auto& fetcher = *connection->fetcher;
+    // Below, a request refused before anything was written took nothing of a streaming body
+    // either (it is handed to a connection only once the request is under way), so it may be
+    // sent again whatever its body.
     if (fetcher.getState() != StreamFetcher::State::IDLE) {
       // Lost between being handed out and now: nothing was sent, so try a new connection.
-      return retryOrThrow(KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost "
-          "before the request was sent: ", fetcher.getCloseReason().orDefault("unknown"))),
-          false, false);
+      return retryOrThrow(lostBeforeSent(fetcher.getCloseReason().orDefault("unknown")),
+          false, false, true);
     }
     kj::Maybe<Request> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle).
-      return retryOrThrow(kj::mv(e), false, false);
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
     }
     connection->countUse();
     auto request = kj::mv(KJ_ASSERT_NONNULL(started));
@@ -337,11 +355,13 @@ public:
     });
   }
 
-  kj::Promise<Response> retryOrThrow(kj::Exception&& e, bool staleCandidate, bool wroteAny) {
+  kj::Promise<Response> retryOrThrow(kj::Exception&& e, bool staleCandidate, bool wroteAny,
+      bool bodyUntouched = false) {
     // `staleCandidate`: failed on a reused connection before any response byte. The request is
     // sent again if it never reached the connection, or it is idempotent and replayable.
-    if (retried || !mayRetry(e, bodyMode != BodyMode::STREAMING, isIdempotent(method),
-        staleCandidate, wroteAny)) {
+    // `bodyUntouched`: no connection took any of a streaming body, which can then be sent again.
+    bool replayable = bodyMode != BodyMode::STREAMING || bodyUntouched;
+    if (retried || !mayRetry(e, replayable, isIdempotent(method), staleCandidate, wroteAny)) {
       return kj::mv(e);
     }
     KJ_IF_SOME(p, life->pool) {
@@ -461,7 +481,7 @@ private:
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
-      return retryOrThrow(kj::mv(e), false, false);
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false);
     }
     connection->countUse();
     auto forResult = kj::addRef(*connection);

@@ -115,6 +115,12 @@ public:
 
   kj::Maybe<kj::String> whyRequestIncomplete();
 
+  kj::Maybe<kj::Exception> writeRefusal() {
+    // Why the connection takes no more writes (the exchange failed), if so.
+    if (stream.get() == nullptr) return nullptr;
+    return stream->writeRefusal();
+  }
+
   kj::HttpClient::Response onResponse(kj::HttpClient::Response&& response);
   kj::HttpClient::WebSocketResponse onWebSocketResponse(
       kj::HttpClient::WebSocketResponse&& response);
@@ -125,7 +131,7 @@ public:
   kj::Own<kj::HttpClient> client;  // points into `view`: declared after it. Once the exchange is
                                    // over, kept (detached) as long as the response body, since the
                                    // response's status text and headers live in its buffer.
-  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // fixed-length bodies only
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // requests with a body only
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
@@ -146,36 +152,40 @@ public:
 
   ~RequestBody() noexcept(false) {
     exchange->requestBodyDropped = true;
-    if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
-        exchange->requestBodyWritten < exchange->requestBodyExpected && !exchange->done) {
-      auto reason = kj::str("the request body was dropped after ", exchange->requestBodyWritten,
-          " of its ", exchange->requestBodyExpected, " bytes were written");
-      if (!exchange->responded) {
-        // The server still waits for the rest, so no response is coming: fail it now.
-        KJ_IF_SOME(abort, exchange->abortResponse) {
-          abort->reject(KJ_EXCEPTION(FAILED, kj::str(reason, ", so the request was never sent in "
-              "full; write all of it (expectedBodySize bytes) before dropping the body stream")));
+    KJ_IF_SOME(reason, whyUnfinishable()) {
+      if (!exchange->done) {
+        if (!exchange->responded) {
+          // The server still waits for the rest, so no response is coming: fail it now.
+          KJ_IF_SOME(abort, exchange->abortResponse) {
+            abort->reject(KJ_EXCEPTION(FAILED, kj::str(reason, ", so the request was never sent "
+                "in full; finish every write of the body (for a fixed-length body, all "
+                "expectedBodySize bytes) before dropping the body stream")));
+          }
         }
+        exchange->fail(CloseKind::ABANDONED, kj::mv(reason));
       }
-      exchange->fail(CloseKind::ABANDONED, kj::mv(reason));
     }
     // Dropping kj's body now writes the chunked terminator, or marks a short fixed-length body
-    // as aborted.
+    // (or a chunked one whose last write never finished) as aborted.
     inner = nullptr;
   }
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
-    return inner->write(buffer, size).then([this, size]() {
-      exchange->requestBodyWritten += size;
-    });
+    KJ_IF_SOME(e, refusal()) {
+      return kj::mv(e);
+    }
+    ++writesPending;
+    return track(kj::evalNow([&]() { return inner->write(buffer, size); }), size);
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    KJ_IF_SOME(e, refusal()) {
+      return kj::mv(e);
+    }
     size_t size = 0;
     for (auto& piece: pieces) size += piece.size();
-    return inner->write(pieces).then([this, size]() {
-      exchange->requestBodyWritten += size;
-    });
+    ++writesPending;
+    return track(kj::evalNow([&]() { return inner->write(pieces); }), size);
   }
 
   kj::Promise<void> whenWriteDisconnected() override {
@@ -187,6 +197,59 @@ private:
   kj::Own<kj::AsyncOutputStream> inner;  // points into exchange->client: declared after it
   // Once the exchange is over, kj's body writes through a view that refuses them: with the reason
   // if the exchange failed (FramedStream::refuseWrites()), else "this exchange is over".
+  unsigned writesPending = 0;  // writes not finished: in progress, or cancelled
+  kj::Maybe<kj::String> writeFailure;  // why a write failed
+
+  kj::Promise<void> track(kj::Promise<void> write, size_t size) {
+    return write.then([this, size]() {
+      --writesPending;
+      exchange->requestBodyWritten += size;
+    }, [this](kj::Exception&& e) {
+      --writesPending;
+      if (writeFailure == nullptr) writeFailure = kj::str(e.getDescription());
+      kj::throwFatalException(kj::mv(e));
+    });
+  }
+
+  kj::Maybe<kj::Exception> refusal() {
+    // Why no more of the body may be written, if so. kj-http refuses every write after one that
+    // failed, with an error about its own state: say what happened instead.
+    KJ_IF_SOME(failed, exchange->writeRefusal()) {
+      return kj::mv(failed);
+    }
+    KJ_IF_SOME(reason, writeFailure) {
+      return KJ_EXCEPTION(DISCONNECTED, kj::str("an earlier write of this request body failed (",
+          reason, "), so the rest cannot follow it; send the request again if it must reach the "
+          "server"));
+    }
+    return nullptr;
+  }
+
+  kj::Maybe<kj::String> whyUnfinishable() {
+    // Why the request, its body dropped now, can never have been sent in full, if so.
+    switch (exchange->requestBodyKind) {
+      case Exchange::RequestBodyKind::NONE:
+        break;
+      case Exchange::RequestBodyKind::FIXED:
+        if (exchange->requestBodyWritten < exchange->requestBodyExpected) {
+          return kj::str("the request body was dropped after ", exchange->requestBodyWritten,
+              " of its ", exchange->requestBodyExpected, " bytes were written");
+        }
+        break;
+      case Exchange::RequestBodyKind::CHUNKED:
+        // kj-http ends a chunked body when it is dropped, unless a write to it never finished
+        // (cancelled, still in progress, or failed): then the end is never sent.
+        if (writesPending > 0) {
+          return kj::str("the chunked request body was dropped while a write to it was "
+              "unfinished");
+        }
+        if (writeFailure != nullptr) {
+          return kj::str("the chunked request body was dropped after a write to it failed");
+        }
+        break;
+    }
+    return nullptr;
+  }
 };
 
 // =================================================================================================
@@ -609,8 +672,8 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   }
   Exchange* ex = exchange.get();
   auto innerResponse = kj::mv(inner.response);
-  if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED) {
-    // A fixed-length body dropped short fails the response (see ~RequestBody).
+  if (exchange->requestBodyKind != Exchange::RequestBodyKind::NONE) {
+    // A body dropped before the request was sent in full fails the response (see ~RequestBody).
     auto abort = kj::newPromiseAndFulfiller<void>();
     exchange->abortResponse = kj::mv(abort.fulfiller);
     innerResponse = innerResponse.exclusiveJoin(abort.promise.then([]() -> Response {
