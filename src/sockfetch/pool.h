@@ -23,10 +23,11 @@ class ConnectionPool final: public kj::HttpClient {
   // Retry: a request that fails on a *reused* connection before any byte of a response arrived
   // (the stale keep-alive race: the server closed the connection as the request went out) is
   // sent once more on a new connection when that is safe: the request never reached the
-  // connection at all, or its method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and
-  // the pool can replay its body (none, or one of known size up to
-  // Settings::maxReplayBodyBytes, which the pool then buffers before sending). Never twice, and
-  // never a POST whose bytes reached the server.
+  // connection at all (with a body the pool does not buffer, only when the connection was found
+  // lost before the request started, so that none of the body was taken), or its method is
+  // idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and the pool can replay its body (none,
+  // or one of known size up to Settings::maxReplayBodyBytes, which the pool then buffers before
+  // sending). Never twice, and never a POST whose bytes reached the server.
   //
   // Lifetimes: the timer, the header table and (for the address constructor) the address must
   // outlive the pool. Requests, responses and bodies may outlive it: destroying the pool fails

@@ -80,7 +80,10 @@ public:
   // this returns.
   //
   // The request body, if any, must be written and then dropped; the connection is reused only if
-  // the whole body reached it before the response body was read to its end. A server may answer
+  // the whole body reached it before the response body was read to its end. A body dropped before
+  // the request was sent in full (fewer bytes than expectedBodySize, or a write to it unfinished or
+  // failed) fails a response still awaited at once, and the connection is closed. After a write
+  // failed, or the exchange did, every later write fails with the reason. A server may answer
   // before reading the body (without `Connection: close` it then reads and discards the rest);
   // if the caller reads that response to its end before writing the whole body, the connection
   // is closed.
