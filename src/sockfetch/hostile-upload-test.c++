@@ -228,6 +228,21 @@ kj::Maybe<kj::Exception> writeOutcome(test::LoopEnv& env, Func&& write) {
   return outcomeOf(env, kj::evalNow(kj::fwd<Func>(write)));
 }
 
+template <typename Func>
+unsigned forEachTeardownOrder(Func&& func) {
+  // Calls func(order, i) for each order of four teardown steps (0: the write, 1: the body stream,
+  // 2: the response promise, 3: the client) in which the write goes before the body it writes
+  // to; returns how many there were (12).
+  int order[4] = {0, 1, 2, 3};
+  unsigned count = 0;
+  do {
+    auto at = [&](int step) { return std::find(order, order + 4, step) - order; };
+    if (at(0) > at(1)) continue;
+    func(kj::arrayPtr<const int>(order, 4), count++);
+  } while (std::next_permutation(order, order + 4));
+  return count;
+}
+
 struct Upload {
   // A request whose body is being written. Members in the order they may be destroyed safely.
   kj::ArrayPtr<const kj::byte> data;
@@ -427,21 +442,11 @@ KJ_TEST("hostile upload: a fetcher destroyed mid-upload lets the upload finish, 
 }
 
 KJ_TEST("hostile upload: a stuck upload's parts destroyed in any order close the connection") {
-  // write, body, response promise, fetcher: every order in which the write goes before the body
-  // it writes to. Nothing hangs, nothing is touched after it is freed (ASan), the server sees
-  // the connection end.
-  int order[4] = {0, 1, 2, 3};
-  unsigned tried = 0;
-  do {
-    int writeAt = 0, bodyAt = 0;
-    for (int i = 0; i < 4; i++) {
-      if (order[i] == 0) writeAt = i;
-      if (order[i] == 1) bodyAt = i;
-    }
-    if (writeAt > bodyAt) continue;
-    ++tried;
+  // write, body, response promise, fetcher. Nothing hangs, nothing is touched after it is freed
+  // (ASan), the server sees the connection end.
+  KJ_EXPECT(forEachTeardownOrder([](kj::ArrayPtr<const int> order, unsigned i) {
     Env env;
-    auto upload = env.stuckUpload(tried % 2 == 0);
+    auto upload = env.stuckUpload(i % 2 == 1);
     for (int step: order) {
       switch (step) {
         case 0: upload.write = nullptr; break;
@@ -451,10 +456,8 @@ KJ_TEST("hostile upload: a stuck upload's parts destroyed in any order close the
       }
       env.settle(2 * kj::MILLISECONDS);
     }
-    KJ_EXPECT(env.wire->drainToClose() != nullptr, "not closed", order[0], order[1], order[2],
-        order[3]);
-  } while (std::next_permutation(order, order + 4));
-  KJ_EXPECT(tried == 12);
+    KJ_EXPECT(env.wire->drainToClose() != nullptr, "not closed", order);
+  }) == 12);
 }
 
 KJ_TEST("hostile upload: a full early answer, then a reset mid-upload, never reuses") {
@@ -749,19 +752,10 @@ KJ_TEST("hostile pool upload: a write after an upload's write failed says why") 
 }
 
 KJ_TEST("hostile pool upload: a stuck upload's parts and the pool destroyed in any order") {
-  int order[4] = {0, 1, 2, 3};
-  unsigned tried = 0;
-  do {
-    int writeAt = 0, bodyAt = 0;
-    for (int i = 0; i < 4; i++) {
-      if (order[i] == 0) writeAt = i;
-      if (order[i] == 1) bodyAt = i;
-    }
-    if (writeAt > bodyAt) continue;
-    ++tried;
+  KJ_EXPECT(forEachTeardownOrder([](kj::ArrayPtr<const int> order, unsigned i) {
     PoolEnv env;
     kj::Own<Wire> wire;
-    auto upload = env.stuckUpload(tried % 2 == 0, wire);
+    auto upload = env.stuckUpload(i % 2 == 1, wire);
     for (int step: order) {
       switch (step) {
         case 0: upload.write = nullptr; break;
@@ -771,10 +765,8 @@ KJ_TEST("hostile pool upload: a stuck upload's parts and the pool destroyed in a
       }
       env.settle(2 * kj::MILLISECONDS);
     }
-    KJ_EXPECT(wire->drainToClose() != nullptr, "not closed", order[0], order[1], order[2],
-        order[3]);
-  } while (std::next_permutation(order, order + 4));
-  KJ_EXPECT(tried == 12);
+    KJ_EXPECT(wire->drainToClose() != nullptr, "not closed", order);
+  }) == 12);
 }
 
 KJ_TEST("hostile pool upload: a buffered PUT retried after a reset mid-body arrives once, intact") {
