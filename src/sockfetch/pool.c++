@@ -693,7 +693,14 @@ public:
     ++pool.connecting;
   }
   ~ConnectSlot() noexcept(false) {
+    if (!held) return;
     release();
+    // The attempt was cancelled (its request gave up) before it ended: the place it held may be
+    // a waiting request's now. Served a turn later, not from within the cancellation; not at all
+    // if the pool is being destroyed (it fails its waiters itself).
+    if (pool.life->pool != nullptr) {
+      pool.tasks.add(kj::evalLater([&pool = pool]() { pool.serveWaiters(); }));
+    }
   }
   KJ_DISALLOW_COPY(ConnectSlot);
   void release() {
