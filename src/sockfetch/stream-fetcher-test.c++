@@ -113,24 +113,8 @@ struct Env {
 };
 
 #define TRANSPORT_PAIR(name, description, tlsLike, pipeLabel, tcpLabel) \
-  void name(Env& env); \
-  class name##OnPipe: public ::kj::TestCase { \
-  public: \
-    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (" pipeLabel ")") {} \
-    void run() override { \
-      Env env(false, tlsLike); \
-      name(env); \
-    } \
-  } name##OnPipeInstance; \
-  class name##OnTcp: public ::kj::TestCase { \
-  public: \
-    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (" tcpLabel ")") {} \
-    void run() override { \
-      Env env(true, tlsLike); \
-      name(env); \
-    } \
-  } name##OnTcpInstance; \
-  void name(Env& env)
+  SOCKFETCH_TRANSPORT_PAIR(Env, name, description, pipeLabel, (false, tlsLike), tcpLabel, \
+      (true, tlsLike))
 
 #define BOTH_TRANSPORTS(name, description) \
   TRANSPORT_PAIR(name, description, false, "pipe", "tcp")
