@@ -115,8 +115,8 @@ bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool sta
 
 kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e) {
   // A request that a pooled connection refused before writing anything, because the connection
-  // was found lost: the pool's own words (the fetcher's advise opening a new connection, which is
-  // what the pool does), unless the refusal was for another reason.
+  // was found lost: said in the pool's words (the fetcher advises opening a new connection, which
+  // is what the pool does), unless the refusal was for another reason.
   if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
   KJ_IF_SOME(reason, fetcher.getCloseReason()) {
     return lostBeforeSent(reason);
