@@ -338,24 +338,7 @@ public:
         };
         name = rng.pick(NAMES);
       }
-      kj::StringPtr colon = ": ";
-      if (has(M_SPACE_COLON)) {
-        static const kj::StringPtr COLONS[] = {" : "_kj, "\t: "_kj, "  :"_kj};
-        colon = rng.pick(COLONS);
-      }
-      if (has(M_FOLD_FRAMING)) {
-        if (rng.chance(50)) {
-          // the value on a continuation line
-          line(out, kj::str(name, ":"));
-          line(out, kj::str(" ", value));
-        } else {
-          // the whole field on a continuation line of another field
-          line(out, "X-Before: a"_kj);
-          line(out, kj::str(" ", name, colon, value));
-        }
-      } else {
-        line(out, kj::str(name, colon, value));
-      }
+      auto colon = framingField(out, name, value);
       if (has(M_CL_DUP_SAME)) line(out, kj::str(name, colon, value));
       if (has(M_CL_DUP_DIFF)) {
         if (rng.chance(50)) {
@@ -390,22 +373,7 @@ public:
         };
         value = kj::str(rng.pick(WEIRD));
       }
-      kj::StringPtr colon = ": ";
-      if (has(M_SPACE_COLON)) {
-        static const kj::StringPtr COLONS[] = {" : "_kj, "\t: "_kj, "  :"_kj};
-        colon = rng.pick(COLONS);
-      }
-      if (has(M_FOLD_FRAMING)) {
-        if (rng.chance(50)) {
-          line(out, kj::str(name, ":"));
-          line(out, kj::str(" ", value));
-        } else {
-          line(out, "X-Before: a"_kj);
-          line(out, kj::str(" ", name, colon, value));
-        }
-      } else {
-        line(out, kj::str(name, colon, value));
-      }
+      auto colon = framingField(out, name, value);
       if (has(M_TE_DUP)) {
         static const kj::StringPtr SECOND[] = {"chunked"_kj, "gzip"_kj, "identity"_kj};
         line(out, kj::str(name, colon, rng.pick(SECOND)));
@@ -517,6 +485,30 @@ private:
   void line(kj::Vector<char>& out, kj::ArrayPtr<const char> text) {
     out.addAll(text);
     out.addAll(lineEnd());
+  }
+
+  kj::StringPtr framingField(kj::Vector<char>& out, kj::StringPtr name, kj::StringPtr value) {
+    // Writes a framing field, with whitespace before its colon or folded if the case says so;
+    // returns the separator used, for duplicates of the field.
+    kj::StringPtr colon = ": ";
+    if (has(M_SPACE_COLON)) {
+      static const kj::StringPtr COLONS[] = {" : "_kj, "\t: "_kj, "  :"_kj};
+      colon = rng.pick(COLONS);
+    }
+    if (has(M_FOLD_FRAMING)) {
+      if (rng.chance(50)) {
+        // the value on a continuation line
+        line(out, kj::str(name, ":"));
+        line(out, kj::str(" ", value));
+      } else {
+        // the whole field on a continuation line of another field
+        line(out, "X-Before: a"_kj);
+        line(out, kj::str(" ", name, colon, value));
+      }
+    } else {
+      line(out, kj::str(name, colon, value));
+    }
+    return colon;
   }
 
   kj::String sizeText(uint64_t n) {
