@@ -278,12 +278,12 @@ public:
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
     if (atEnd) return size_t(0);
-    // A read of nothing reads nothing (kj-http 0.9.2's body readers take it for the connection
-    // ending early, which would fail a sound exchange).
-    if (maxBytes == 0) return size_t(0);
     KJ_IF_SOME(failure, readFailure) {
       return cloneException(failure);
     }
+    // A read of nothing reads nothing (kj-http 0.9.2's body readers take it for the connection
+    // ending early, which would fail a sound exchange).
+    if (maxBytes == 0) return size_t(0);
     KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
     setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
     auto read = inner->tryRead(buffer, minBytes, maxBytes);
