@@ -534,13 +534,10 @@ kj::Promise<void> FramedStream::write(const void* buffer, size_t size) {
   bool isTerminator = mode == Mode::EXCHANGE && size == CHUNKED_TERMINATOR.size() &&
       memcmp(buffer, CHUNKED_TERMINATOR.begin(), size) == 0;
   struct iovec piece = {const_cast<void*>(buffer), size};
-  kj::Maybe<kj::Exception> failure;
-  size_t sent = sendNow(&piece, 1, size, failure);
-  KJ_IF_SOME(e, failure) {
-    ++writesInFlight;  // like a failed write of kj's: the connection's state is unknown
-    return kj::mv(e);
+  size_t sent = 0;
+  KJ_IF_SOME(ended, sendNow(&piece, 1, size, isTerminator, sent)) {
+    return kj::mv(ended);
   }
-  if (sent == size) return wroteNow(isTerminator);
   auto rest = reinterpret_cast<const kj::byte*>(buffer) + sent;
   return trackWrite(kj::evalNow([&]() { return raw->write(rest, size - sent); }), isTerminator);
 }
@@ -570,13 +567,10 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
     for (size_t i = 0; i < pieces.size(); i++) {
       iov[i] = {const_cast<kj::byte*>(pieces[i].begin()), pieces[i].size()};
     }
-    kj::Maybe<kj::Exception> failure;
-    size_t sent = sendNow(iov, pieces.size(), total, failure);
-    KJ_IF_SOME(e, failure) {
-      ++writesInFlight;
-      return kj::mv(e);
+    size_t sent = 0;
+    KJ_IF_SOME(ended, sendNow(iov, pieces.size(), total, isTerminator, sent)) {
+      return kj::mv(ended);
     }
-    if (sent == total) return wroteNow(isTerminator);
     if (sent > 0) {
       // kj writes the rest: the pieces not yet sent, the first of them cut where the kernel
       // stopped. The bytes stay the caller's (valid until the write completes, as for any write);
@@ -594,13 +588,14 @@ kj::Promise<void> FramedStream::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
   return trackWrite(kj::evalNow([&]() { return raw->write(pieces); }), isTerminator);
 }
 
-size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total,
-    kj::Maybe<kj::Exception>& failure) {
+kj::Maybe<kj::Promise<void>> FramedStream::sendNow(const struct iovec* iov, size_t count,
+    size_t total, bool isTerminator, size_t& sent) {
   // On a plain socket with no write of kj's pending (which would have to go first), sends what
   // the kernel takes at once: the usual request then costs a system call and no continuation.
   // What the kernel does not take now (its buffer is full) is left to kj's write. An error is
   // reported here, as kj would: the kernel reports some (a reset) to one call only.
-  if (!plainSocket || writesInFlight > 0 || total == 0) return 0;
+  sent = 0;
+  if (!plainSocket || writesInFlight > 0 || total == 0) return nullptr;
   KJ_IF_SOME(fd, raw->getFd()) {
     struct msghdr message;
     memset(&message, 0, sizeof(message));
@@ -610,19 +605,22 @@ size_t FramedStream::sendNow(const struct iovec* iov, size_t count, size_t total
     do {
       n = sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
-    if (n >= 0) return static_cast<size_t>(n);
+    if (n >= 0) {
+      sent = n;
+      if (sent < total) return nullptr;
+      ++writesCompleted;
+      if (isTerminator) chunkedTerminatorWritten = true;
+      return kj::Promise<void>(kj::READY_NOW);
+    }
     int error = errno;
     if (error != EAGAIN && error != EWOULDBLOCK && error != ENOTSOCK) {
-      failure = kj::runCatchingExceptions([&]() { KJ_FAIL_SYSCALL("sendmsg()", error); });
+      ++writesInFlight;  // like a failed write of kj's: the connection's state is unknown
+      auto e = KJ_ASSERT_NONNULL(
+          kj::runCatchingExceptions([&]() { KJ_FAIL_SYSCALL("sendmsg()", error); }));
+      return kj::Promise<void>(kj::mv(e));
     }
   }
-  return 0;
-}
-
-kj::Promise<void> FramedStream::wroteNow(bool isTerminator) {
-  ++writesCompleted;
-  if (isTerminator) chunkedTerminatorWritten = true;
-  return kj::READY_NOW;
+  return nullptr;
 }
 
 kj::Promise<void> FramedStream::whenWriteDisconnected() {

@@ -177,13 +177,12 @@ private:
   void receivedRaw(size_t n);
   // Tells the framer about `n` bytes a raw read put in its space (0: the end of the stream).
   kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
-  size_t sendNow(const struct iovec* iov, size_t count, size_t total,
-      kj::Maybe<kj::Exception>& failure);
-  // Sends on a plain socket what the kernel takes without waiting; returns how much (0 for a
-  // stream that is not a plain socket, or while a write of kj's is pending). Sets `failure` if
-  // the socket reported an error.
-  kj::Promise<void> wroteNow(bool isTerminator);
-  // Bookkeeping for a write sendNow() completed.
+  kj::Maybe<kj::Promise<void>> sendNow(const struct iovec* iov, size_t count, size_t total,
+      bool isTerminator, size_t& sent);
+  // Sends on a plain socket what the kernel takes without waiting, and sets `sent` to how much
+  // (0 for a stream that is not a plain socket, or while a write of kj's is pending). Returns the
+  // write's outcome, bookkept, if it ended here: all of it sent, or the socket reported an error;
+  // null if the rest is kj's to write.
 };
 
 class FramedStream::ExchangeView final: public kj::AsyncIoStream {
