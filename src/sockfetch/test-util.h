@@ -207,24 +207,21 @@ private:
 }  // namespace test
 }  // namespace sockfetch
 
+#define SOCKFETCH_TRANSPORT_CASE(Env, name, suffix, description, label, args) \
+  class name##suffix: public ::kj::TestCase { \
+  public: \
+    name##suffix(): ::kj::TestCase(__FILE__, __LINE__, description " (" label ")") {} \
+    void run() override { \
+      Env env args; \
+      name(env); \
+    } \
+  } name##suffix##Instance;
+// One KJ test running `name` on an `Env` constructed with `args` (a parenthesised list).
+
 #define SOCKFETCH_TRANSPORT_PAIR(Env, name, description, pipeLabel, pipeArgs, tcpLabel, tcpArgs) \
   void name(Env& env); \
-  class name##OnPipe: public ::kj::TestCase { \
-  public: \
-    name##OnPipe(): ::kj::TestCase(__FILE__, __LINE__, description " (" pipeLabel ")") {} \
-    void run() override { \
-      Env env pipeArgs; \
-      name(env); \
-    } \
-  } name##OnPipeInstance; \
-  class name##OnTcp: public ::kj::TestCase { \
-  public: \
-    name##OnTcp(): ::kj::TestCase(__FILE__, __LINE__, description " (" tcpLabel ")") {} \
-    void run() override { \
-      Env env tcpArgs; \
-      name(env); \
-    } \
-  } name##OnTcpInstance; \
+  SOCKFETCH_TRANSPORT_CASE(Env, name, OnPipe, description, pipeLabel, pipeArgs) \
+  SOCKFETCH_TRANSPORT_CASE(Env, name, OnTcp, description, tcpLabel, tcpArgs) \
   void name(Env& env)
 // Defines one behaviour, the body that follows, as two KJ tests: one on an `Env` constructed with
-// `pipeArgs` (a parenthesised argument list), one with `tcpArgs`; the labels end their names.
+// `pipeArgs`, one with `tcpArgs`; the labels end their names.
