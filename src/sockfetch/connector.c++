@@ -75,18 +75,12 @@ kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
 kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> state) {
   // Reads until the end of the proxy's answer head, then judges it.
   auto& received = state->received;
+  auto chars = reinterpret_cast<const char*>(received.begin());
   for (size_t i = 0; i + 1 < received.size(); i++) {
     // The head ends with an empty line, CRLF or (as RFC 9112 2.2 lets a recipient accept) LF.
     if (received[i] != '\n') continue;
-    size_t headEnd;
-    if (received[i + 1] == '\n') {
-      headEnd = i + 2;
-    } else if (received[i + 1] == '\r' && i + 2 < received.size() && received[i + 2] == '\n') {
-      headEnd = i + 3;
-    } else {
-      continue;
-    }
-    auto chars = reinterpret_cast<const char*>(received.begin());
+    size_t headEnd = headEndAfterLf(kj::arrayPtr(chars, received.size()), i);
+    if (headEnd == 0) continue;
     size_t lineEnd = 0;
     while (chars[lineEnd] != '\r' && chars[lineEnd] != '\n') lineEnd++;
     auto statusLine = kj::heapString(chars, lineEnd);

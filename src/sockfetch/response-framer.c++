@@ -449,16 +449,14 @@ void ResponseFramer::parse() {
         // Passed on only once complete, and then as kj-http 0.9.2 can read it.
         auto nl = reinterpret_cast<const char*>(
             memchr(chars + parsed, '\n', end - parsed));
-        if (nl == nullptr) {
-          parsed = end;
-          if (parsed - lineStart > limits.maxChunkLineBytes) {
-            kj::throwFatalException(malformed("chunk-size line too long"));
-          }
-          break;
-        }
-        size_t lineEnd = nl - chars;
+        // The line so far, complete or not, is held to the limit.
+        size_t lineEnd = nl == nullptr ? end : nl - chars;
         if (lineEnd - lineStart > limits.maxChunkLineBytes) {
           kj::throwFatalException(malformed("chunk-size line too long"));
+        }
+        if (nl == nullptr) {
+          parsed = end;
+          break;
         }
         auto digits = parseChunkLine(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
         lineEnd -= keepOnly(digits.begin() - chars, digits.size(),
@@ -489,14 +487,8 @@ bool ResponseFramer::parseHeaderBlock() {
     auto nl = reinterpret_cast<const char*>(memchr(chars + scan, '\n', end - scan));
     if (nl == nullptr) break;
     size_t i = nl - chars;
-    size_t blockEnd = 0;
-    if (i + 1 < end && chars[i + 1] == '\n') {
-      blockEnd = i + 2;
-    } else if (i + 2 < end && chars[i + 1] == '\r' && chars[i + 2] == '\n') {
-      blockEnd = i + 3;
-    } else if (i + 2 >= end) {
-      break;  // can't tell yet
-    }
+    // 0: not the end, or not known yet (the scan then goes on, and stops for want of a LF).
+    size_t blockEnd = headEndAfterLf(kj::arrayPtr(chars, end), i);
     if (blockEnd != 0) {
       if (blockEnd - lineStart > limits.maxHeaderBytes) {
         kj::throwFatalException(malformed(kj::str("header block larger than ",

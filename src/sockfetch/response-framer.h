@@ -10,6 +10,15 @@ kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine);
 // The status code of an HTTP/1.x status line ("HTTP/1.x SP 3DIGIT [SP reason]", RFC 9112 4,
 // without its line end), or null if the line is not one (or its code is below 100).
 
+inline size_t headEndAfterLf(kj::ArrayPtr<const char> bytes, size_t lf) {
+  // `bytes[lf]` is a LF. If the line after it is empty (LF, or CR LF), the header block ends
+  // there: returns the index just past that empty line. Returns 0 if it is not empty, or if
+  // `bytes` end before that can be told.
+  if (lf + 1 < bytes.size() && bytes[lf + 1] == '\n') return lf + 2;
+  if (lf + 2 < bytes.size() && bytes[lf + 1] == '\r' && bytes[lf + 2] == '\n') return lf + 3;
+  return 0;
+}
+
 class ResponseFramer {
   // Knows where one HTTP/1.x response ends on a connection, so that the per-exchange
   // kj::HttpClient reading through it is never handed a byte that belongs to anything after it.
