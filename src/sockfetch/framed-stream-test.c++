@@ -169,6 +169,60 @@ KJ_TEST("FramedStream watches an idle connection, asked or not (tcp)") {
   watchesIdle(true);
 }
 
+KJ_TEST("FramedStream watches every idle socket of a thread, however many go idle at once") {
+  // Sockets start their idle reads from one deferral shared by the thread: each of a batch that
+  // went idle together must be watched, one taken out of the batch (an exchange began, or it was
+  // destroyed) must not be, and a socket going idle after the batch was served gets a new one.
+  test::LoopEnv env;
+  constexpr size_t COUNT = 8;
+  struct Connection {
+    kj::Own<FramedStream> stream;
+    kj::Own<test::Peer> peer;
+    RecordLoss listener;
+  };
+  kj::Vector<Connection> connections;
+  for (size_t i = 0; i < COUNT + 1; i++) {
+    auto transport = test::tcpTransport(env.io);
+    connections.add(Connection{
+        kj::heap<FramedStream>(kj::mv(transport.client), ResponseFramer::Limits(), env.timer),
+        kj::heap<test::Peer>(env.ws, kj::mv(transport.server)), RecordLoss()});
+  }
+  for (size_t i = 0; i < COUNT; i++) connections[i].stream->watchIdle(connections[i].listener);
+  // Out of the batch before the event loop was idle: one begins an exchange, one is destroyed.
+  connections[2].stream->beginExchange(kj::HttpMethod::GET);
+  connections[5].stream = nullptr;
+
+  // The servers close half of the connections and write to the other half.
+  kj::Vector<kj::Promise<void>> sent;
+  for (size_t i = 0; i < COUNT; i++) {
+    if (i % 2 == 0) {
+      connections[i].peer->close();
+    } else {
+      sent.add(connections[i].peer->sendLater("X"));
+    }
+  }
+  auto watched = [&](size_t i) { return i != 2 && i != 5; };
+  env.waitFor([&]() {
+    for (size_t i = 0; i < COUNT; i++) {
+      if (watched(i) && !connections[i].listener.lost) return false;
+    }
+    return true;
+  });
+  for (size_t i = 0; i < COUNT; i++) {
+    KJ_EXPECT(connections[i].listener.lost == watched(i), i);
+    if (watched(i)) KJ_EXPECT(connections[i].listener.gotBytes == (i % 2 == 1), i);
+  }
+  for (auto& promise: sent) env.bounded(kj::mv(promise));
+
+  // The batch was served: a socket going idle now is watched too.
+  auto& late = connections[COUNT];
+  late.stream->watchIdle(late.listener);
+  late.peer->close();
+  env.waitFor([&]() { return late.listener.lost; });
+  KJ_EXPECT(late.listener.lost);
+  KJ_EXPECT(!late.listener.gotBytes);
+}
+
 KJ_TEST("FramedStream over a descriptor that is not a socket waits for its idle read") {
   // kj's descriptor stream over a pipe: the kernel cannot be asked with MSG_PEEK, so the idle
   // read must be outstanding and the gate must wait for it, as for any other stream.

@@ -121,11 +121,80 @@ kj::Promise<void> turns(unsigned n) {
 
 }  // namespace
 
+// =================================================================================================
+// ProbeStarter
+
+class FramedStream::ProbeStarter final: public kj::Refcounted {
+  // Starts the idle reads of a thread's plain sockets once the event loop has nothing else to do,
+  // with one deferral (kj::evalLast()) for every stream that went idle since the loop last was,
+  // rather than one each: with many connections in use, most of them go idle and busy again
+  // before the loop is ever idle, and then cost no promise at all. The thread's plain-socket
+  // streams share it and keep it alive, so it never outlives them (nor their event loop).
+public:
+  static kj::Own<ProbeStarter> forThisThread() {
+    if (current != nullptr) return kj::addRef(*current);
+    return kj::refcounted<ProbeStarter>();
+  }
+
+  ProbeStarter() { current = this; }
+  ~ProbeStarter() noexcept(false) {
+    if (current == this) current = nullptr;
+  }
+  KJ_DISALLOW_COPY(ProbeStarter);
+
+  void add(FramedStream& stream) {
+    // The stream's idle read is due; a stream already listed stays as it is.
+    if (stream.linkToProbe != nullptr) return;
+    stream.nextToProbe = head;
+    if (head != nullptr) head->linkToProbe = &stream.nextToProbe;
+    head = &stream;
+    stream.linkToProbe = &head;
+    if (!scheduled) {
+      // Replacing the last deferral is safe: it has fired (`scheduled` is cleared only after
+      // run()), and run() never adds.
+      scheduled = true;
+      deferral = kj::evalLast([this]() { run(); }).eagerlyEvaluate(nullptr);
+    }
+  }
+
+  static void remove(FramedStream& stream) {
+    // The stream's idle read is no longer due (it began an exchange, or is going away).
+    if (stream.linkToProbe == nullptr) return;
+    *stream.linkToProbe = stream.nextToProbe;
+    if (stream.nextToProbe != nullptr) stream.nextToProbe->linkToProbe = stream.linkToProbe;
+    stream.nextToProbe = nullptr;
+    stream.linkToProbe = nullptr;
+  }
+
+private:
+  static thread_local ProbeStarter* current;
+  FramedStream* head = nullptr;
+  bool scheduled = false;
+  kj::Promise<void> deferral = nullptr;
+
+  void run() {
+    KJ_DEFER(scheduled = false);
+    while (head != nullptr) {
+      auto& stream = *head;
+      remove(stream);
+      stream.startProbe();
+    }
+  }
+};
+
+thread_local FramedStream::ProbeStarter* FramedStream::ProbeStarter::current = nullptr;
+
+// =================================================================================================
+// FramedStream
+
 FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits,
     kj::Maybe<kj::Timer&> timer)
-    : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {}
+    : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {
+  if (plainSocket) probeStarter = ProbeStarter::forThisThread();
+}
 
 FramedStream::~FramedStream() noexcept(false) {
+  ProbeStarter::remove(*this);
   gateCanceler.cancel("the connection was closed before the request was written");
   detachView();
 }
@@ -148,7 +217,7 @@ void FramedStream::watchIdle(IdleListener& listener) {
     // On a socket the idle read starts only once the event loop has nothing else to do: a next
     // request that comes sooner (the common case) finds no read to deal with, and checkIdleNow()
     // asks the kernel directly, which consumes nothing.
-    probeLater = kj::evalLast([this]() { startProbe(); }).eagerlyEvaluate(nullptr);
+    probeStarter->add(*this);
   } else {
     startProbe();
   }
@@ -236,7 +305,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   if (probeOutcome == nullptr) {
     // The idle read never started (a plain socket, see watchIdle()): nothing was consumed, and
     // checkIdleNow() has just asked the kernel. Nothing to wait for.
-    probeLater = nullptr;
+    ProbeStarter::remove(*this);
     gatePassed = true;
     return;
   }
@@ -314,7 +383,7 @@ kj::Promise<void> FramedStream::finishResponse() {
 }
 
 void FramedStream::passThrough() {
-  probeLater = nullptr;  // an idle read that never started has nothing to hand over
+  ProbeStarter::remove(*this);  // an idle read that never started has nothing to hand over
   if (mode == Mode::IDLE) detachView();  // released: no exchange may touch it any more
   mode = Mode::PASS_THROUGH;
   idleListener = nullptr;

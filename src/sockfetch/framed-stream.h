@@ -17,9 +17,10 @@ class FramedStream final: public kj::AsyncIoStream {
   //  - idle: one single-byte read is outstanding on the raw stream. If it completes (a byte, EOF
   //    or an error) the connection is lost, and the IdleListener hears why. On a plain socket
   //    (kj's own descriptor stream, not a wrapper such as TLS) that read starts only when the
-  //    event loop next has nothing else to do (kj::evalLast()); until then checkIdleNow() asks
-  //    the kernel, which is all a request that follows at once needs (in a loop that is never
-  //    idle the connection is thus checked only when next used).
+  //    event loop next has nothing else to do (one kj::evalLast() for all of a thread's streams
+  //    that went idle meanwhile); until then checkIdleNow() asks the kernel, which is all a
+  //    request that follows at once needs (in a loop that is never idle the connection is thus
+  //    checked only when next used).
   //  - exchange (beginExchange()): the per-fetch kj::HttpClient reads and writes through this
   //    stream. Reads return only bytes of the current response (see ResponseFramer); once the
   //    response is over they never complete. The idle read is never cancelled (it may hold a
@@ -141,7 +142,10 @@ private:
   kj::Maybe<IdleListener&> idleListener;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> probeWaiter;
   kj::Maybe<kj::Promise<void>> probe;  // declared after what its continuation touches
-  kj::Maybe<kj::Promise<void>> probeLater;  // starts `probe` once the event loop is idle
+  class ProbeStarter;
+  kj::Own<ProbeStarter> probeStarter;  // plain sockets only: starts `probe` once the loop is idle
+  FramedStream* nextToProbe = nullptr;   // in probeStarter's list while the idle read is due:
+  FramedStream** linkToProbe = nullptr;  // the link that points here (null when not listed)
 
   // Exchange.
   bool gatePassed = true;
