@@ -137,8 +137,10 @@ public:
 };
 
 // =================================================================================================
-// Connection: one pooled StreamFetcher. Refcounted: the pool's idle list, a request being sent and
-// the response body each hold a reference, so the fetcher lives as long as its exchange needs.
+// Connection: one pooled StreamFetcher. Refcounted: the pool's idle list and a request being sent
+// hold a reference, and while its fetcher is busy the connection holds one to itself (the pool
+// is then the only one that knows it), dropped when the fetcher reports idle or closed, or when
+// the pool lets go of it.
 
 class ConnectionPool::Connection final: public kj::Refcounted, public StreamFetcher::Observer {
 public:
@@ -159,7 +161,9 @@ public:
   }
 
   void detach() {
-    // Leaves the pool: no longer counted, no more callbacks.
+    // Leaves the pool: no longer counted, no more callbacks. A busy connection is then let go:
+    // its exchange finishes without a fetcher, and closes the connection once over.
+    auto leaving = kj::mv(busy);  // may destroy this connection on return: nothing follows
     KJ_IF_SOME(p, pool) {
       for (size_t i = 0; i < p.all.size(); i++) {
         if (p.all[i] == this) {
@@ -173,24 +177,34 @@ public:
     }
   }
 
+  // The fetcher's callbacks come from within it, so neither may destroy it: a connection that
+  // nothing but its busy reference kept goes after this event.
   void fetcherIdle(StreamFetcher&) override {
+    auto self = kj::mv(busy);  // idle now: the idle list or a waiter keeps it, if it stays
     KJ_IF_SOME(p, pool) {
       p.connectionIdle(*this);
+      if (self.get() != nullptr && !self->isShared()) p.dispose(kj::mv(self));
     }
   }
 
   void fetcherClosed(StreamFetcher&) override {
+    auto self = kj::mv(busy);
     KJ_IF_SOME(p, pool) {
       p.connectionClosed(*this);
+      if (self.get() != nullptr) p.dispose(kj::mv(self));
     }
   }
 
   void countUse() {
-    // A request went out on this connection: a reuse if it carried one before.
+    // A request went out on this connection: a reuse if it carried one before. While the fetcher
+    // is busy with it, the connection keeps itself (its fetcher reports the end only later, from
+    // the event loop; one that failed at once reports it later too, but is kept by the request's
+    // own chain until then).
     KJ_IF_SOME(p, pool) {
       if (uses > 0) ++p.stats.reuses;
     }
     ++uses;
+    if (fetcher->getState() == StreamFetcher::State::BUSY) busy = kj::addRef(*this);
   }
 
   bool lastUseWasStale() const {
@@ -201,6 +215,7 @@ public:
 
   kj::Maybe<ConnectionPool&> pool;
   kj::Own<StreamFetcher> fetcher;
+  kj::Own<Connection> busy;  // itself, while its fetcher is busy (see above)
   uint64_t uses = 0;
   kj::TimePoint idleSince = kj::origin<kj::TimePoint>();  // while idle
 };
@@ -341,11 +356,7 @@ public:
         break;
     }
 
-    auto forBody = kj::addRef(*connection);
-    return request.response.then(
-        [forBody = kj::mv(forBody)](Response&& response) mutable -> kj::Promise<Response> {
-      // The response body keeps the connection (and so its fetcher) alive until it is dropped.
-      response.body = response.body.attach(kj::mv(forBody));
+    return request.response.then([](Response&& response) -> kj::Promise<Response> {
       return kj::mv(response);
     }, [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
