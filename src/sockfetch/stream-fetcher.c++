@@ -26,6 +26,46 @@ public:
 }  // namespace
 
 // =================================================================================================
+// ResponseBody: wraps kj's response body; at its end completes the exchange. It lives inside its
+// exchange (see Exchange::handOutBody()), which it keeps alive, and so the exchange's client, whose
+// buffer holds the response's status text and headers.
+
+class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
+public:
+  ResponseBody(Exchange& exchange, kj::HttpClient::Response& response);
+  ~ResponseBody() noexcept(false);
+  KJ_DISALLOW_COPY(ResponseBody);
+
+  void finishNow();
+  // For a response without a body: it ends right away (and synchronously: the framer already
+  // holds the complete response).
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
+  kj::Maybe<uint64_t> tryGetLength() override;
+
+private:
+  Exchange& exchange;
+  kj::Own<kj::AsyncInputStream> inner;  // points into the exchange's client
+  kj::Maybe<kj::Exception> readFailure;
+  bool atEnd = false;
+
+  bool isEnd(size_t n, size_t minBytes);
+  // A short read is the end; so is a fixed-length body with nothing left (a reader that asked
+  // for exactly the remaining length will not ask again).
+  void readFailed(const kj::Exception& e);
+  void reachedEndNow();
+  // reachedEnd() for a body whose end is the response's end (see tryRead()), without a promise.
+  void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer);
+  // The connection moves on (and the exchange lets go of it) once the body is over.
+  kj::Maybe<kj::Promise<void>> reachedEnd();
+  // kj's body is done with the connection. Null when the exchange is over at once (the usual
+  // case), else a promise for the rest of the response.
+  bool endedAtOnce();
+  // Drops kj's body (before the client it points into goes) and ends the exchange if nothing
+  // more of the response needs to be read; false if something does.
+};
+
+// =================================================================================================
 // Exchange: the guard. It owns the connection and the per-fetch kj::HttpClient for one exchange,
 // and is shared (refcounted) by the request body, the response promise and the response body, so
 // it lives exactly as long as any of them. Members are declared so that the client is destroyed
@@ -122,6 +162,10 @@ public:
   }
 
   kj::HttpClient::Response onResponse(kj::HttpClient::Response&& response);
+  kj::Own<kj::AsyncInputStream> handOutBody(kj::HttpClient::Response& response);
+  // Wraps the response's body in this exchange's ResponseBody, kept inside the exchange (one
+  // allocation fewer than a body of its own): the body the caller gets keeps the exchange alive
+  // until it is dropped.
   kj::HttpClient::WebSocketResponse onWebSocketResponse(
       kj::HttpClient::WebSocketResponse&& response);
 
@@ -131,6 +175,17 @@ public:
   kj::Own<kj::HttpClient> client;  // points into `view`: declared after it. Once the exchange is
                                    // over, kept (detached) as long as the response body, since the
                                    // response's status text and headers live in its buffer.
+  kj::Maybe<ResponseBody> responseBody;  // once handed out; points into `client`: declared after it
+  kj::Own<Exchange> keptByBody;           // this exchange, while `responseBody` is handed out
+  class BodyDisposer final: public kj::Disposer {
+    // Disposes of a handed-out `responseBody`: ends it in place, then lets go of the exchange.
+  public:
+    explicit BodyDisposer(Exchange& exchange): exchange(exchange) {}
+    void disposeImpl(void*) const override;
+  private:
+    Exchange& exchange;
+  };
+  BodyDisposer bodyDisposer{*this};
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortResponse;  // requests with a body only
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
@@ -253,169 +308,151 @@ private:
 };
 
 // =================================================================================================
-// ResponseBody: wraps kj's response body; at its end completes the exchange. It keeps the exchange
-// alive, and so its client, whose buffer holds the response's status text and headers.
+// ResponseBody methods
 
-class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
-public:
-  ResponseBody(kj::Own<Exchange> exchangeParam, kj::HttpClient::Response& response)
-      : exchange(kj::mv(exchangeParam)), inner(kj::mv(response.body)) {}
+StreamFetcher::ResponseBody::ResponseBody(Exchange& exchange, kj::HttpClient::Response& response)
+    : exchange(exchange), inner(kj::mv(response.body)) {}
 
-  ~ResponseBody() noexcept(false) {
-    exchange->endResponse();
-    if (!atEnd) {
-      exchange->fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
-    }
-    inner = nullptr;  // before the client it points into
+StreamFetcher::ResponseBody::~ResponseBody() noexcept(false) {
+  exchange.endResponse();
+  if (!atEnd) {
+    exchange.fail(CloseKind::ABANDONED, kj::str("the response body was dropped before its end"));
   }
+  inner = nullptr;  // before the client it points into
+}
 
-  void finishNow() {
-    // For a response without a body: it ends right away (and synchronously: the framer already
-    // holds the complete response).
-    KJ_ASSERT(exchange->stream->getFramer().isComplete());
-    KJ_ASSERT(endedAtOnce());
+void StreamFetcher::ResponseBody::finishNow() {
+  KJ_ASSERT(exchange.stream->getFramer().isComplete());
+  KJ_ASSERT(endedAtOnce());
+}
+
+kj::Promise<size_t> StreamFetcher::ResponseBody::tryRead(
+    void* buffer, size_t minBytes, size_t maxBytes) {
+  if (atEnd) return size_t(0);
+  KJ_IF_SOME(failure, readFailure) {
+    return cloneException(failure);
   }
-
-  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
-    if (atEnd) return size_t(0);
-    KJ_IF_SOME(failure, readFailure) {
-      return cloneException(failure);
-    }
-    // A read of nothing reads nothing (kj-http 0.9.2's body readers take it for the connection
-    // ending early, which would fail a sound exchange).
-    if (maxBytes == 0) return size_t(0);
-    KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
-    setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
-    auto read = inner->tryRead(buffer, minBytes, maxBytes);
-    if (exchange->done || exchange->stream->getFramer().endsWithBody()) {
-      // The usual case: when kj's body ends, the framer has seen the whole response, so the end
-      // completes the exchange at once, and the read needs no promise of its own for it.
-      return read.then([this, minBytes](size_t n) -> size_t {
-        setBodyBuffer(nullptr);
-        if (isEnd(n, minBytes)) reachedEndNow();
-        return n;
-      }, [this](kj::Exception&& e) -> size_t {
-        readFailed(e);
-        kj::throwFatalException(kj::mv(e));
-      });
-    }
-    // Chunked: kj's body ends at the last chunk's size line; the trailers and the final CRLF may
-    // still be on their way, and the end is reported only once they have arrived.
-    return read.then([this, minBytes](size_t n) -> kj::Promise<size_t> {
+  // A read of nothing reads nothing (kj-http 0.9.2's body readers take it for the connection
+  // ending early, which would fail a sound exchange).
+  if (maxBytes == 0) return size_t(0);
+  KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
+  setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
+  auto read = inner->tryRead(buffer, minBytes, maxBytes);
+  if (exchange.done || exchange.stream->getFramer().endsWithBody()) {
+    // The usual case: when kj's body ends, the framer has seen the whole response, so the end
+    // completes the exchange at once, and the read needs no promise of its own for it.
+    return read.then([this, minBytes](size_t n) -> size_t {
       setBodyBuffer(nullptr);
-      if (!isEnd(n, minBytes)) return n;
-      auto rest = reachedEnd();
-      KJ_IF_SOME(promise, rest) {
-        return promise.then([n]() { return n; });
-      }
+      if (isEnd(n, minBytes)) reachedEndNow();
       return n;
-    }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+    }, [this](kj::Exception&& e) -> size_t {
       readFailed(e);
-      return kj::mv(e);
+      kj::throwFatalException(kj::mv(e));
     });
-    // A cancelled read leaves the body buffer set: harmless, as kj-http's own reads never go into
-    // the consumer's buffer, and the next read or exchange replaces it.
   }
-
-  kj::Maybe<uint64_t> tryGetLength() override {
-    if (atEnd) return uint64_t(0);
-    if (inner.get() == nullptr) return nullptr;
-    return inner->tryGetLength();
-  }
-
-private:
-  kj::Own<Exchange> exchange;
-  kj::Own<kj::AsyncInputStream> inner;  // points into the exchange's client: declared after it
-  kj::Maybe<kj::Exception> readFailure;
-  bool atEnd = false;
-
-  bool isEnd(size_t n, size_t minBytes) {
-    // A short read is the end; so is a fixed-length body with nothing left (a reader that asked
-    // for exactly the remaining length will not ask again).
-    if (n < minBytes) return true;
-    KJ_IF_SOME(left, inner->tryGetLength()) {
-      return left == 0;
-    }
-    return false;
-  }
-
-  void readFailed(const kj::Exception& e) {
+  // Chunked: kj's body ends at the last chunk's size line; the trailers and the final CRLF may
+  // still be on their way, and the end is reported only once they have arrived.
+  return read.then([this, minBytes](size_t n) -> kj::Promise<size_t> {
     setBodyBuffer(nullptr);
-    exchange->endResponse();
-    exchange->fail(CloseKind::FAILED,
-        kj::str("reading the previous response body failed: ", e.getDescription()));
-  }
-
-  void reachedEndNow() {
-    // reachedEnd() for a body whose end is the response's end (see tryRead()), without a promise.
-    if (endedAtOnce()) return;
-    auto& framer = exchange->stream->getFramer();
-    exchange->endResponse();
-    KJ_IF_SOME(failure, framer.getFailure()) {
-      auto e = cloneException(failure);
-      exchange->fail(CloseKind::FAILED,
-          kj::str("the previous response was malformed: ", e.getDescription()));
-      readFailure = cloneException(e);
-      kj::throwFatalException(kj::mv(e));
+    if (!isEnd(n, minBytes)) return n;
+    auto rest = reachedEnd();
+    KJ_IF_SOME(promise, rest) {
+      return promise.then([n]() { return n; });
     }
-    // kj-http saw the end of the body before the framer did: the two disagree about where this
-    // response ends, so the connection must not carry another request.
+    return n;
+  }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+    readFailed(e);
+    return kj::mv(e);
+  });
+  // A cancelled read leaves the body buffer set: harmless, as kj-http's own reads never go into
+  // the consumer's buffer, and the next read or exchange replaces it.
+}
+
+kj::Maybe<uint64_t> StreamFetcher::ResponseBody::tryGetLength() {
+  if (atEnd) return uint64_t(0);
+  if (inner.get() == nullptr) return nullptr;
+  return inner->tryGetLength();
+}
+
+bool StreamFetcher::ResponseBody::isEnd(size_t n, size_t minBytes) {
+  if (n < minBytes) return true;
+  KJ_IF_SOME(left, inner->tryGetLength()) {
+    return left == 0;
+  }
+  return false;
+}
+
+void StreamFetcher::ResponseBody::readFailed(const kj::Exception& e) {
+  setBodyBuffer(nullptr);
+  exchange.endResponse();
+  exchange.fail(CloseKind::FAILED,
+      kj::str("reading the previous response body failed: ", e.getDescription()));
+}
+
+void StreamFetcher::ResponseBody::reachedEndNow() {
+  if (endedAtOnce()) return;
+  auto& framer = exchange.stream->getFramer();
+  exchange.endResponse();
+  KJ_IF_SOME(failure, framer.getFailure()) {
+    auto e = cloneException(failure);
+    exchange.fail(CloseKind::FAILED,
+        kj::str("the previous response was malformed: ", e.getDescription()));
+    readFailure = cloneException(e);
+    kj::throwFatalException(kj::mv(e));
+  }
+  // kj-http saw the end of the body before the framer did: the two disagree about where this
+  // response ends, so the connection must not carry another request.
+  atEnd = true;
+  exchange.failNotReusable(
+      "kj-http and the framer disagreed about where the response body ends");
+}
+
+void StreamFetcher::ResponseBody::setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) {
+  if (exchange.stream.get() != nullptr) exchange.stream->setBodyBuffer(buffer);
+}
+
+kj::Maybe<kj::Promise<void>> StreamFetcher::ResponseBody::reachedEnd() {
+  if (endedAtOnce()) return nullptr;
+  return exchange.stream->finishResponse().then([this]() {
     atEnd = true;
-    exchange->failNotReusable(
-        "kj-http and the framer disagreed about where the response body ends");
-  }
+    exchange.succeed();
+  }, [this](kj::Exception&& e) {
+    exchange.endResponse();
+    exchange.fail(CloseKind::FAILED,
+        kj::str("the previous response was malformed: ", e.getDescription()));
+    readFailure = cloneException(e);
+    kj::throwFatalException(kj::mv(e));
+  });
+}
 
-  void setBodyBuffer(kj::ArrayPtr<kj::byte> buffer) {
-    // The connection moves on (and the exchange lets go of it) once the body is over.
-    if (exchange->stream.get() != nullptr) exchange->stream->setBodyBuffer(buffer);
+bool StreamFetcher::ResponseBody::endedAtOnce() {
+  inner = nullptr;
+  if (exchange.done) {
+    // Already failed (or upgraded): nothing more to finish.
+    atEnd = true;
+    exchange.endResponse();
+    return true;
   }
-
-  kj::Maybe<kj::Promise<void>> reachedEnd() {
-    // kj's body is done with the connection. Null when the exchange is over at once (the usual
-    // case), else a promise for the rest of the response.
-    if (endedAtOnce()) return nullptr;
-    return exchange->stream->finishResponse().then([this]() {
+  auto& framer = exchange.stream->getFramer();
+  if (framer.isComplete()) {
+    atEnd = true;
+    exchange.succeed();
+    return true;
+  }
+  if (framer.getFailure() == nullptr) {
+    KJ_IF_SOME(why, framer.whyNotReusable()) {
+      // kj-http saw the end of the body before the framer did (they read the head differently,
+      // or the body is delimited by the connection closing): the connection cannot be reused
+      // anyway, so do not wait for the rest.
       atEnd = true;
-      exchange->succeed();
-    }, [this](kj::Exception&& e) {
-      exchange->endResponse();
-      exchange->fail(CloseKind::FAILED,
-          kj::str("the previous response was malformed: ", e.getDescription()));
-      readFailure = cloneException(e);
-      kj::throwFatalException(kj::mv(e));
-    });
-  }
-
-  bool endedAtOnce() {
-    // Drops kj's body (before the client it points into goes) and ends the exchange if nothing
-    // more of the response needs to be read; false if something does.
-    inner = nullptr;
-    if (exchange->done) {
-      // Already failed (or upgraded): nothing more to finish.
-      atEnd = true;
-      exchange->endResponse();
+      exchange.endResponse();
+      exchange.failNotReusable(why);
       return true;
     }
-    auto& framer = exchange->stream->getFramer();
-    if (framer.isComplete()) {
-      atEnd = true;
-      exchange->succeed();
-      return true;
-    }
-    if (framer.getFailure() == nullptr) {
-      KJ_IF_SOME(why, framer.whyNotReusable()) {
-        // kj-http saw the end of the body before the framer did (they read the head differently,
-        // or the body is delimited by the connection closing): the connection cannot be reused
-        // anyway, so do not wait for the rest.
-        atEnd = true;
-        exchange->endResponse();
-        exchange->failNotReusable(why);
-        return true;
-      }
-    }
-    return false;
   }
-};
+  return false;
+}
+
 
 // =================================================================================================
 // AwaitingResponse: holds the exchange as long as its response promise exists. It lives in that
@@ -521,15 +558,28 @@ void StreamFetcher::Exchange::succeed() {
 kj::HttpClient::Response StreamFetcher::Exchange::onResponse(kj::HttpClient::Response&& response) {
   responded = true;
   auto& framer = stream->getFramer();
-  auto body = kj::heap<ResponseBody>(kj::addRef(*this), response);
+  auto body = handOutBody(response);
   if (framer.isUpgrade()) {
     fail(CloseKind::UPGRADED, kj::str("the connection was upgraded to another protocol"));
   } else if (framer.hasNoBody()) {
     // No body (HEAD, 204, 304, Content-Length: 0): the exchange is over now.
-    body->finishNow();
+    KJ_ASSERT_NONNULL(responseBody).finishNow();
   }
   response.body = kj::mv(body);
   return kj::mv(response);
+}
+
+kj::Own<kj::AsyncInputStream> StreamFetcher::Exchange::handOutBody(
+    kj::HttpClient::Response& response) {
+  KJ_REQUIRE(responseBody == nullptr, "an exchange has one response body");
+  auto& body = responseBody.emplace(*this, response);
+  keptByBody = kj::addRef(*this);
+  return kj::Own<kj::AsyncInputStream>(&body, bodyDisposer);
+}
+
+void StreamFetcher::Exchange::BodyDisposer::disposeImpl(void*) const {
+  auto last = kj::mv(exchange.keptByBody);  // may destroy the exchange as it goes: last
+  exchange.responseBody = nullptr;
 }
 
 kj::HttpClient::WebSocketResponse StreamFetcher::Exchange::onWebSocketResponse(
