@@ -7,7 +7,6 @@
 #include <kj/debug.h>
 #include <kj/test.h>
 #include <string.h>
-#include <unistd.h>
 
 namespace sockfetch {
 namespace {
@@ -30,10 +29,6 @@ Reply echoPath(kj::StringPtr request) {
   return ok(kj::heapString(request.slice(start).begin(), end - start));
 }
 
-kj::String unixPath() {
-  return kj::str("unix:/tmp/sockfetch-pool-test-", getpid(), ".sock");
-}
-
 struct Env {
   // An event loop, a scripted upstream and a pool in front of it. Members in dependency order.
   kj::AsyncIoContext io = kj::setupAsyncIo();
@@ -46,12 +41,7 @@ struct Env {
 
   explicit Env(ScriptedServer::Handler handler, ConnectionPool::Settings settings = {},
       bool unix = false) {
-    kj::String path;
-    if (unix) {
-      path = unixPath();
-      unlink(path.slice(strlen("unix:")).cStr());
-    }
-    server = kj::heap<ScriptedServer>(io, unix ? path.asPtr() : "127.0.0.1"_kj, kj::mv(handler));
+    server = kj::heap<ScriptedServer>(io, unix ? "unix"_kj : "127.0.0.1"_kj, kj::mv(handler));
     address = server->address();
     pool = kj::heap<ConnectionPool>(timer, table, *address, kj::mv(settings));
   }

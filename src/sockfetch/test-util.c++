@@ -5,11 +5,13 @@
 #include <kj/debug.h>
 #include <kj/encoding.h>
 #include <ctype.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 namespace sockfetch {
 namespace test {
@@ -369,6 +371,16 @@ struct ScriptedServer::Connection {
 ScriptedServer::ScriptedServer(kj::AsyncIoContext& io, kj::StringPtr address, Handler handler)
     : io(io), handler(kj::mv(handler)), errorHandler(kj::heap<IgnoreDisconnects>()),
       tasks(*errorHandler) {
+  kj::String unixAddress;
+  if (address == "unix") {
+    // A directory of its own: tests run in PID namespaces (the same getpid() in every sandbox),
+    // so a path named after the process would collide between tests that run at once.
+    char dir[] = "/tmp/sockfetch-test-XXXXXX";
+    KJ_ASSERT(mkdtemp(dir) != nullptr, "making a directory for a unix socket failed", errno);
+    unixDirectory = kj::heapString(dir);
+    unixAddress = kj::str("unix:", dir, "/server.sock");
+    address = unixAddress;
+  }
   auto parsed = io.provider->getNetwork().parseAddress(address, 0).wait(io.waitScope);
   listener = parsed->listen();
   if (address.startsWith("unix:")) {
@@ -379,7 +391,12 @@ ScriptedServer::ScriptedServer(kj::AsyncIoContext& io, kj::StringPtr address, Ha
   tasks.add(acceptLoop());
 }
 
-ScriptedServer::~ScriptedServer() noexcept(false) {}
+ScriptedServer::~ScriptedServer() noexcept(false) {
+  KJ_IF_SOME(dir, unixDirectory) {
+    unlink(addressText.slice(strlen("unix:")).begin());
+    rmdir(dir.cStr());
+  }
+}
 
 kj::Own<kj::NetworkAddress> ScriptedServer::address() {
   return io.provider->getNetwork().parseAddress(addressText).wait(io.waitScope);

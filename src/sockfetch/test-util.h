@@ -174,7 +174,8 @@ public:
   // the request head and body.
 
   ScriptedServer(kj::AsyncIoContext& io, kj::StringPtr address, Handler handler);
-  // `address`: "127.0.0.1" (an ephemeral port is chosen) or "unix:/path".
+  // `address`: "127.0.0.1" (an ephemeral port is chosen), "unix:/path", or "unix" (a unix socket
+  // in a new private directory, removed with the server).
   ~ScriptedServer() noexcept(false);
 
   kj::Own<kj::NetworkAddress> address();
@@ -195,6 +196,7 @@ private:
   kj::AsyncIoContext& io;
   Handler handler;
   kj::String addressText;
+  kj::Maybe<kj::String> unixDirectory;  // for "unix"
   kj::Own<kj::ConnectionReceiver> listener;
   kj::Vector<Connection*> connections;
   kj::Own<kj::TaskSet::ErrorHandler> errorHandler;
