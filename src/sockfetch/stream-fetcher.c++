@@ -552,6 +552,10 @@ void StreamFetcher::Exchange::succeed() {
   KJ_IF_SOME(f, fetcher) {
     fetcher = nullptr;
     f.exchangeSucceeded(kj::mv(stream));
+  } else {
+    // The fetcher (or its pool) was destroyed during the exchange: nobody takes the connection
+    // back, so the server sees it closed now, not when the caller drops the body.
+    stream->shutdownNow();
   }
 }
 
