@@ -356,9 +356,8 @@ public:
         break;
     }
 
-    return request.response.then([](Response&& response) -> kj::Promise<Response> {
-      return kj::mv(response);
-    }, [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
+    return request.response.catch_(
+        [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
       // Holds the attempt (see ConnectionPool::request()) for as long as a retry may need it.
       return self->retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
