@@ -25,23 +25,11 @@ namespace sockfetch {
 namespace {
 
 using test::contains;
+using test::ok;
+using test::pathOf;
 using test::ScriptedServer;
 using Reply = ScriptedServer::Reply;
 using Response = kj::HttpClient::Response;
-
-Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "") {
-  Reply reply;
-  reply.bytes = kj::str("HTTP/1.1 200 OK\r\n", extraHeaders, "Content-Length: ", body.size(),
-      "\r\n\r\n", body);
-  return reply;
-}
-
-kj::String pathOf(kj::StringPtr request) {
-  auto start = request.findFirst(' ').orDefault(0) + 1;
-  auto end = start;
-  while (end < request.size() && request[end] != ' ') end++;
-  return kj::heapString(request.slice(start).begin(), end - start);
-}
 
 uint64_t totalDrops(const ConnectionPool::Stats& s) {
   return s.droppedPeerClosedIdle + s.droppedUnsolicitedBytes + s.droppedConnectionClose +

@@ -21,23 +21,11 @@ namespace sockfetch {
 namespace {
 
 using test::contains;
+using test::ok;
+using test::pathOf;
 using test::ScriptedServer;
 using Reply = ScriptedServer::Reply;
 using Response = kj::HttpClient::Response;
-
-Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "") {
-  Reply reply;
-  reply.bytes = kj::str("HTTP/1.1 200 OK\r\n", extraHeaders, "Content-Length: ", body.size(),
-      "\r\n\r\n", body);
-  return reply;
-}
-
-kj::String pathOf(kj::StringPtr request) {
-  auto start = request.findFirst(' ').orDefault(0) + 1;
-  auto end = start;
-  while (end < request.size() && request[end] != ' ') end++;
-  return kj::heapString(request.slice(start).begin(), end - start);
-}
 
 kj::Maybe<kj::String> headerOf(kj::StringPtr request, kj::StringPtr name) {
   // Case-sensitive lookup, good enough for kj-http's own spelling.
@@ -74,6 +62,20 @@ public:
   kj::String reason;
   kj::Maybe<kj::Function<void()>> onLoss;
 };
+
+struct IdleSocket {
+  // A FramedStream over one end of a unix socketpair (kj's own socket stream: a plain socket);
+  // the test plays the server on `peer`.
+  kj::Own<FramedStream> stream;
+  kj::Own<kj::AsyncIoStream> peer;
+  RecordLoss listener;
+};
+
+IdleSocket newIdleSocket(kj::AsyncIoContext& io) {
+  auto pair = io.provider->newTwoWayPipe();
+  return IdleSocket{kj::heap<FramedStream>(kj::mv(pair.ends[0]), ResponseFramer::Limits(),
+      io.provider->getTimer()), kj::mv(pair.ends[1]), RecordLoss()};
+}
 
 // =================================================================================================
 // Pool environment: a scripted loopback upstream (TCP or unix socket) and a pool whose connector
@@ -273,24 +275,15 @@ KJ_TEST("the starter destroyed with its deferral armed, then new sockets in the 
     kj::AsyncIoContext io = kj::setupAsyncIo();
     auto& timer = io.provider->getTimer();
     constexpr size_t COUNT = 4;
-    struct Conn {
-      kj::Own<FramedStream> stream;
-      kj::Own<kj::AsyncIoStream> peer;
-      RecordLoss listener;
-    };
-    auto make = [&]() {
-      auto pair = io.provider->newTwoWayPipe();  // unix socketpair: plain sockets
-      return Conn{kj::heap<FramedStream>(kj::mv(pair.ends[0]), ResponseFramer::Limits(), timer),
-          kj::mv(pair.ends[1]), RecordLoss()};
-    };
+    auto make = [&]() { return newIdleSocket(io); };
     // First batch: listed (deferral armed), then all destroyed in the same turn: the starter goes.
     {
-      kj::Vector<Conn> first;
+      kj::Vector<IdleSocket> first;
       for (size_t i = 0; i < COUNT; i++) first.add(make());
       for (auto& c: first) c.stream->watchIdle(c.listener);
     }
     // Second batch, same turn: a new starter.
-    kj::Vector<Conn> second;
+    kj::Vector<IdleSocket> second;
     for (size_t i = 0; i < COUNT; i++) second.add(make());
     for (auto& c: second) c.stream->watchIdle(c.listener);
     for (size_t i = 0; i < COUNT; i++) {
@@ -319,7 +312,7 @@ KJ_TEST("the starter destroyed with its deferral armed, then new sockets in the 
     // The loop ends with sockets listed again (a new deferral armed): a third batch, idle, then
     // the loop and all its streams go together on the next iteration.
     second.clear();
-    kj::Vector<Conn> third;
+    kj::Vector<IdleSocket> third;
     for (size_t i = 0; i < COUNT; i++) third.add(make());
     for (auto& c: third) c.stream->watchIdle(c.listener);
   }
@@ -331,17 +324,8 @@ KJ_TEST("sockets going idle inside other evalLast() callbacks, before and after 
   // armed before it runs after it.
   kj::AsyncIoContext io = kj::setupAsyncIo();
   auto& timer = io.provider->getTimer();
-  struct Conn {
-    kj::Own<FramedStream> stream;
-    kj::Own<kj::AsyncIoStream> peer;
-    RecordLoss listener;
-  };
-  auto make = [&]() {
-    auto pair = io.provider->newTwoWayPipe();
-    return Conn{kj::heap<FramedStream>(kj::mv(pair.ends[0]), ResponseFramer::Limits(), timer),
-        kj::mv(pair.ends[1]), RecordLoss()};
-  };
-  Conn early = make(), first = make(), inside = make(), after = make(), nested = make();
+  auto make = [&]() { return newIdleSocket(io); };
+  IdleSocket early = make(), first = make(), inside = make(), after = make(), nested = make();
   bool ranEarly = false, ranInside = false, ranNested = false;
   // Armed before the deferral exists: runs after it.
   auto before = kj::evalLast([&]() {
@@ -389,18 +373,9 @@ KJ_TEST("an idle-loss callback that destroys, idles, releases and reuses other l
     "sockets leaves every list link sound") {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   auto& timer = io.provider->getTimer();
-  struct Conn {
-    kj::Own<FramedStream> stream;
-    kj::Own<kj::AsyncIoStream> peer;
-    RecordLoss listener;
-  };
-  auto make = [&]() {
-    auto pair = io.provider->newTwoWayPipe();
-    return kj::heap<Conn>(Conn{kj::heap<FramedStream>(kj::mv(pair.ends[0]),
-        ResponseFramer::Limits(), timer), kj::mv(pair.ends[1]), RecordLoss()});
-  };
+  auto make = [&]() { return kj::heap<IdleSocket>(newIdleSocket(io)); };
   auto trigger = make();
-  kj::Vector<kj::Own<Conn>> others;
+  kj::Vector<kj::Own<IdleSocket>> others;
   for (int i = 0; i < 6; i++) others.add(make());
   trigger->stream->watchIdle(trigger->listener);
   timer.afterDelay(2 * kj::MILLISECONDS).wait(io.waitScope);  // trigger's idle read is started

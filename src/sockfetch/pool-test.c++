@@ -11,22 +11,13 @@
 namespace sockfetch {
 namespace {
 
+using test::ok;
 using test::ScriptedServer;
 using Reply = ScriptedServer::Reply;
 
-Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "") {
-  Reply reply;
-  reply.bytes = kj::str("HTTP/1.1 200 OK\r\n", extraHeaders, "Content-Length: ", body.size(),
-      "\r\n\r\n", body);
-  return reply;
-}
-
 Reply echoPath(kj::StringPtr request) {
   // Answers with the request line's path.
-  auto start = request.findFirst(' ').orDefault(0) + 1;
-  auto end = start;
-  while (end < request.size() && request[end] != ' ') end++;
-  return ok(kj::heapString(request.slice(start).begin(), end - start));
+  return ok(test::pathOf(request));
 }
 
 struct Env {

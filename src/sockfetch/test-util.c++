@@ -477,5 +477,19 @@ kj::Own<kj::AsyncIoStream> tlsLike(kj::Own<kj::AsyncIoStream> inner) {
   return kj::heap<TlsLikeStream>(kj::mv(inner));
 }
 
+ScriptedServer::Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders) {
+  ScriptedServer::Reply reply;
+  reply.bytes = kj::str("HTTP/1.1 200 OK\r\n", extraHeaders, "Content-Length: ", body.size(),
+      "\r\n\r\n", body);
+  return reply;
+}
+
+kj::String pathOf(kj::StringPtr request) {
+  auto start = request.findFirst(' ').orDefault(0) + 1;
+  auto end = start;
+  while (end < request.size() && request[end] != ' ') end++;
+  return kj::heapString(request.slice(start).begin(), end - start);
+}
+
 }  // namespace test
 }  // namespace sockfetch

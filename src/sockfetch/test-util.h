@@ -206,6 +206,12 @@ private:
   kj::Promise<void> serve(Connection& connection);
 };
 
+ScriptedServer::Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "");
+// A 200 reply with `body`, framed by Content-Length, after `extraHeaders` (each ending in CRLF).
+
+kj::String pathOf(kj::StringPtr request);
+// The path in a request's first line.
+
 }  // namespace test
 }  // namespace sockfetch
 
