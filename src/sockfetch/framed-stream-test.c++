@@ -210,7 +210,9 @@ KJ_TEST("FramedStream watches every idle socket of a thread, however many go idl
   });
   for (size_t i = 0; i < COUNT; i++) {
     KJ_EXPECT(connections[i].listener.lost == watched(i), i);
-    if (watched(i)) KJ_EXPECT(connections[i].listener.gotBytes == (i % 2 == 1), i);
+    if (watched(i)) {
+      KJ_EXPECT(connections[i].listener.gotBytes == (i % 2 == 1), i);
+    }
   }
   for (auto& promise: sent) env.bounded(kj::mv(promise));
 

@@ -582,6 +582,10 @@ void FramedStream::shutdownNow() {
   shutDown = true;
   KJ_IF_SOME(fd, raw->getFd()) {
     ::shutdown(fd, SHUT_RDWR);  // may fail if the peer is gone already: nothing more to do then
+  } else if (writesInFlight == 0) {
+    // No descriptor (an in-process pipe, a wrapper that hides it): end the write side, which the
+    // peer reads as the end of the connection. Not with a write pending (kj refuses that).
+    kj::runCatchingExceptions([&]() { raw->shutdownWrite(); });
   }
 }
 

@@ -90,9 +90,11 @@ public:
 
   void shutdownNow();
   // For a connection that will never be used again but is still referenced (a request body a
-  // caller keeps writing): shuts the socket down, so that the server sees it closed now rather
-  // than when the last reference goes. Pending reads and writes end as the socket's do (EOF, an
-  // error); nothing is destroyed. A stream without a descriptor is left as it is.
+  // caller keeps writing, a response body the caller keeps): shuts the socket down, so that the
+  // server sees it closed now rather than when the last reference goes. Pending reads and writes
+  // end as the socket's do (EOF, an error); nothing is destroyed. A stream without a descriptor
+  // has its write side shut down instead (which its peer reads as the end), unless a write is
+  // pending: then it is left as it is.
 
   class ExchangeView;
   // The stream to build an exchange's kj::HttpClient over (see below).

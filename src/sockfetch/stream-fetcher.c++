@@ -31,6 +31,9 @@ public:
 // buffer holds the response's status text and headers.
 
 class StreamFetcher::ResponseBody final: public kj::AsyncInputStream {
+  // A call into the exchange that may end it (endResponse(), fail(), succeed()) may reach the
+  // fetcher's observer, which may drop this body, and with it the exchange it lives in: nothing
+  // of this body is touched after such a call.
 public:
   ResponseBody(Exchange& exchange, kj::HttpClient::Response& response);
   ~ResponseBody() noexcept(false);
@@ -391,18 +394,18 @@ void StreamFetcher::ResponseBody::readFailed(const kj::Exception& e) {
 
 void StreamFetcher::ResponseBody::reachedEndNow() {
   if (endedAtOnce()) return;
-  auto& framer = exchange.stream->getFramer();
-  exchange.endResponse();
-  KJ_IF_SOME(failure, framer.getFailure()) {
+  KJ_IF_SOME(failure, exchange.stream->getFramer().getFailure()) {
     auto e = cloneException(failure);
+    readFailure = cloneException(e);
+    exchange.endResponse();
     exchange.fail(CloseKind::FAILED,
         kj::str("the previous response was malformed: ", e.getDescription()));
-    readFailure = cloneException(e);
     kj::throwFatalException(kj::mv(e));
   }
   // kj-http saw the end of the body before the framer did: the two disagree about where this
   // response ends, so the connection must not carry another request.
   atEnd = true;
+  exchange.endResponse();
   exchange.failNotReusable(
       "kj-http and the framer disagreed about where the response body ends");
 }
@@ -417,10 +420,10 @@ kj::Maybe<kj::Promise<void>> StreamFetcher::ResponseBody::reachedEnd() {
     atEnd = true;
     exchange.succeed();
   }, [this](kj::Exception&& e) {
+    readFailure = cloneException(e);
     exchange.endResponse();
     exchange.fail(CloseKind::FAILED,
         kj::str("the previous response was malformed: ", e.getDescription()));
-    readFailure = cloneException(e);
     kj::throwFatalException(kj::mv(e));
   });
 }
