@@ -10,6 +10,7 @@
 #include "stream-fetcher.h"
 
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/fetcher-env.h>
 #include <sockfetch/test-util.h>
 
 #include <kj/debug.h>
@@ -20,68 +21,12 @@ namespace sockfetch {
 namespace {
 
 using test::contains;
+using test::header;
+using test::OK_HELLO;
+using Env = test::FetcherEnv;
 using Kind = StreamFetcher::CloseKind;
 using State = StreamFetcher::State;
 using Response = kj::HttpClient::Response;
-
-constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
-
-struct Env: public test::LoopEnv {
-  kj::Own<StreamFetcher> fetcher;
-  kj::Own<test::Peer> peer;
-  bool tcp;
-  bool tls;
-
-  explicit Env(bool tcp, bool tls = false): tcp(tcp), tls(tls) {
-    auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
-    if (tls) transport.client = test::tlsLike(kj::mv(transport.client));
-    fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table, settings());
-    peer = kj::heap<test::Peer>(ws, kj::mv(transport.server));
-  }
-
-  StreamFetcher::Settings settings() {
-    StreamFetcher::Settings s;
-    s.timer = timer;
-    return s;
-  }
-
-  struct Started {
-    Response response;
-    kj::Promise<void> written;
-    kj::String request;
-  };
-
-  Started start(kj::HttpMethod method, kj::StringPtr url, kj::StringPtr reply,
-      StreamFetcher* on = nullptr) {
-    auto& f = on == nullptr ? *fetcher : *on;
-    auto h = headers();
-    auto req = f.request(method, url, h);
-    req.body = nullptr;
-    auto request = peer->readRequest();
-    auto written = peer->sendLater(reply);
-    auto response = bounded(kj::mv(req.response));
-    return Started{kj::mv(response), kj::mv(written), kj::mv(request)};
-  }
-
-  void roundTrip(kj::StringPtr url = "/again", StreamFetcher* on = nullptr) {
-    auto s = start(kj::HttpMethod::GET, url, OK_HELLO, on);
-    KJ_EXPECT(s.request.startsWith(kj::str("GET ", url, " HTTP/1.1\r\n")), s.request);
-    KJ_EXPECT(s.response.statusCode == 200);
-    KJ_EXPECT(bounded(s.response.body->readAllText()) == "hello");
-    bounded(kj::mv(s.written));
-  }
-
-  kj::StringPtr why() {
-    KJ_IF_SOME(reason, fetcher->getCloseReason()) return reason;
-    return "(not closed)";
-  }
-
-  size_t read(kj::AsyncInputStream& in, void* buffer, size_t minBytes, size_t maxBytes) {
-    return bounded(kj::evalNow([&]() { return in.tryRead(buffer, minBytes, maxBytes); }));
-  }
-
-  bool peerSawEnd() { return drainsToEnd(*peer); }
-};
 
 #define BOTH_TRANSPORTS(name, description) \
   SOCKFETCH_TRANSPORT_PAIR(Env, name, description, "pipe", (false), "tcp", (true))
@@ -91,14 +36,6 @@ struct Env: public test::LoopEnv {
 #define TCP_AND_TLS_LIKE(name, description) \
   SOCKFETCH_TRANSPORT_PAIR(Env, name, description, "tcp", (true, false), \
       "tls-like over tcp", (true, true))
-
-kj::String header(const kj::HttpHeaders& headers, kj::StringPtr name) {
-  kj::String value = kj::str("(absent)");
-  headers.forEach([&](kj::StringPtr n, kj::StringPtr v) {
-    if (n == name) value = kj::str(v);
-  });
-  return value;
-}
 
 // =================================================================================================
 // Bodies dropped from their own read continuations

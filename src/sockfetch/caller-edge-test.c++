@@ -9,6 +9,7 @@
 #include "stream-fetcher.h"
 
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/fetcher-env.h>
 #include <sockfetch/test-util.h>
 
 #include <kj/debug.h>
@@ -20,85 +21,15 @@ namespace sockfetch {
 namespace {
 
 using test::contains;
+using test::header;
+using test::OK_HELLO;
+using Env = test::FetcherEnv;
 using Kind = StreamFetcher::CloseKind;
 using State = StreamFetcher::State;
-
-constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
-
-struct Env: public test::LoopEnv {
-  // A fetcher on the client end of one connection (pipe or loopback TCP), the scripted server on
-  // the other.
-  kj::Own<StreamFetcher> fetcher;
-  kj::Own<test::Peer> peer;
-  bool tcp;
-
-  explicit Env(bool tcp): tcp(tcp) {
-    auto transport = tcp ? test::tcpTransport(io) : test::pipeTransport();
-    fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), table, settings());
-    peer = kj::heap<test::Peer>(ws, kj::mv(transport.server));
-  }
-
-  StreamFetcher::Settings settings() {
-    StreamFetcher::Settings s;
-    s.timer = timer;
-    return s;
-  }
-
-  struct Started {
-    kj::HttpClient::Response response;
-    kj::Promise<void> written;  // the server's write (a pipe completes it only once read)
-    kj::String request;         // what the server received
-  };
-
-  Started start(kj::HttpMethod method, kj::StringPtr url, kj::StringPtr reply,
-      StreamFetcher* on = nullptr) {
-    // Sends a bodiless request, has the server answer `reply`, and waits for the response head.
-    auto& f = on == nullptr ? *fetcher : *on;
-    auto h = headers();
-    auto req = f.request(method, url, h);
-    req.body = nullptr;
-    auto request = peer->readRequest();
-    auto written = peer->sendLater(reply);
-    auto response = bounded(kj::mv(req.response));
-    return Started{kj::mv(response), kj::mv(written), kj::mv(request)};
-  }
-
-  void roundTrip(kj::StringPtr url = "/again", StreamFetcher* on = nullptr) {
-    // One complete exchange that must work (the connection was kept, and is in step).
-    auto s = start(kj::HttpMethod::GET, url, OK_HELLO, on);
-    KJ_EXPECT(s.request.startsWith(kj::str("GET ", url, " HTTP/1.1\r\n")), s.request);
-    KJ_EXPECT(s.response.statusCode == 200);
-    KJ_EXPECT(bounded(s.response.body->readAllText()) == "hello");
-    bounded(kj::mv(s.written));
-  }
-
-  kj::StringPtr why() {
-    KJ_IF_SOME(reason, fetcher->getCloseReason()) return reason;
-    return "(not closed)";
-  }
-
-  size_t read(kj::AsyncInputStream& in, void* buffer, size_t minBytes, size_t maxBytes) {
-    return bounded(kj::evalNow([&]() { return in.tryRead(buffer, minBytes, maxBytes); }));
-  }
-
-  bool peerSawEnd() {
-    // The server's side of the connection ends (FIN or reset) within the limit.
-    return drainsToEnd(*peer);
-  }
-};
 
 #define BOTH_TRANSPORTS(name, description) \
   SOCKFETCH_TRANSPORT_PAIR(Env, name, description, "pipe", (false), "tcp", (true))
 // Defines one behaviour as two KJ tests: over an in-process pipe and over loopback TCP.
-
-kj::String header(const kj::HttpHeaders& headers, kj::StringPtr name) {
-  // A response header's value by name ("(absent)" if none).
-  kj::String value = kj::str("(absent)");
-  headers.forEach([&](kj::StringPtr n, kj::StringPtr v) {
-    if (n == name) value = kj::str(v);
-  });
-  return value;
-}
 
 class Collector final: public kj::AsyncOutputStream {
   // An output stream with no pump optimisation of its own: kj's default pump reads the body.
