@@ -37,6 +37,16 @@ using Response = kj::HttpClient::Response;
   SOCKFETCH_TRANSPORT_PAIR(Env, name, description, "tcp", (true, false), \
       "tls-like over tcp", (true, true))
 
+kj::Promise<Response> requestThenDropFetcher(Env& env, kj::StringPtr url) {
+  // Sends a bodiless GET, lets the server read it, then destroys the fetcher mid-exchange.
+  auto h = env.headers();
+  auto req = env.fetcher->request(kj::HttpMethod::GET, url, h);
+  req.body = nullptr;
+  env.peer->readRequest();
+  env.fetcher = nullptr;
+  return kj::mv(req.response);
+}
+
 // =================================================================================================
 // Bodies dropped from their own read continuations
 
@@ -410,16 +420,12 @@ TCP_AND_TLS_LIKE(fetcherGoneLargeBody,
     "a fetcher destroyed mid-exchange: a 300 KiB body read in odd pieces arrives "
     "whole, and the server sees the connection closed while the body is still held") {
   auto content = bigBody(300 * 1024 + 17);
-  auto h = env.headers();
-  auto req = env.fetcher->request(kj::HttpMethod::GET, "/big", h);
-  req.body = nullptr;
-  env.peer->readRequest();
-  env.fetcher = nullptr;
+  auto pending = requestThenDropFetcher(env, "/big");
   auto head = kj::str("HTTP/1.1 200 Big\r\nX-N: big\r\nContent-Length: ", content.size(),
       "\r\n\r\n");
   auto all = kj::str(head, content);
   auto written = env.peer->sendLater(all).eagerlyEvaluate(nullptr);
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(pending));
   kj::Vector<char> got;
   auto buffer = kj::heapArray<char>(7000);
   size_t sizes[] = {1, 4096, 999, 7000, 13};
@@ -442,16 +448,12 @@ TCP_AND_TLS_LIKE(fetcherGoneLargeBody,
 TCP_AND_TLS_LIKE(fetcherGoneChunkedLateTrailers,
     "a fetcher destroyed mid-exchange: a chunked body whose trailers come late is "
     "delivered whole, the connection stays open until they arrive and closes right after") {
-  auto h = env.headers();
-  auto req = env.fetcher->request(kj::HttpMethod::GET, "/chunked", h);
-  req.body = nullptr;
-  env.peer->readRequest();
-  env.fetcher = nullptr;
+  auto pending = requestThenDropFetcher(env, "/chunked");
   auto part = kj::str(kj::repeat('q', 20000));
   auto first = kj::str("HTTP/1.1 200 Chunky\r\nX-N: c\r\nTransfer-Encoding: chunked\r\n\r\n",
       kj::hex(part.size()), "\r\n", part, "\r\n3\r\nend\r\n0\r\n");
   auto written = env.peer->sendLater(first).eagerlyEvaluate(nullptr);
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(pending));
   auto read = response.body->readAllText().eagerlyEvaluate(nullptr);
   env.bounded(kj::mv(written));
   env.settle(10 * kj::MILLISECONDS);
@@ -468,14 +470,10 @@ TCP_AND_TLS_LIKE(fetcherGoneChunkedLateTrailers,
 TCP_AND_TLS_LIKE(fetcherGoneEndInSameSegment,
     "a fetcher destroyed mid-exchange: head and body in one segment, read with a "
     "minBytes past the end, then after the close: every byte, then 0") {
-  auto h = env.headers();
-  auto req = env.fetcher->request(kj::HttpMethod::GET, "/one", h);
-  req.body = nullptr;
-  env.peer->readRequest();
-  env.fetcher = nullptr;
+  auto pending = requestThenDropFetcher(env, "/one");
   auto written = env.peer->sendLater("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
       "4\r\nabcd\r\n2\r\nef\r\n0\r\n\r\n");
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(pending));
   env.bounded(kj::mv(written));
   env.settle(5 * kj::MILLISECONDS);
   char buffer[64];
@@ -487,13 +485,9 @@ TCP_AND_TLS_LIKE(fetcherGoneEndInSameSegment,
 }
 
 void bodyHeldFetcherGone(Env& env) {
-  auto h = env.headers();
-  auto req = env.fetcher->request(kj::HttpMethod::GET, "/", h);
-  req.body = nullptr;
-  env.peer->readRequest();
-  env.fetcher = nullptr;
+  auto pending = requestThenDropFetcher(env, "/");
   auto written = env.peer->sendLater(OK_HELLO);
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(pending));
   KJ_EXPECT(env.bounded(response.body->readAllText()) == "hello");
   env.bounded(kj::mv(written));
   env.limit = 500 * kj::MILLISECONDS;
