@@ -514,18 +514,24 @@ KJ_TEST("over a stream without a descriptor (in-process pipe), a response in fli
 // =================================================================================================
 // 101 through request(): the body is the connection
 
-BOTH_TRANSPORTS(upgradeThroughRequestBodyOutlivesFetcher,
-    "a 101 to request(): the body carries the new protocol's bytes both ways of the "
-    "fetcher's destruction, and dropping it closes the connection") {
+kj::Promise<Response> requestUpgrade(Env& env) {
+  // Sends a bodiless GET asking to switch to a raw protocol, and lets the server read it.
   auto h = env.headers();
   h.set(kj::HttpHeaderId::CONNECTION, "Upgrade");
   h.set(kj::HttpHeaderId::UPGRADE, "raw");
   auto req = env.fetcher->request(kj::HttpMethod::GET, "/up", h);
   req.body = nullptr;
   env.peer->readRequest();
+  return kj::mv(req.response);
+}
+
+BOTH_TRANSPORTS(upgradeThroughRequestBodyOutlivesFetcher,
+    "a 101 to request(): the body carries the new protocol's bytes both ways of the "
+    "fetcher's destruction, and dropping it closes the connection") {
+  auto upgrade = requestUpgrade(env);
   auto written = env.peer->sendLater("HTTP/1.1 101 Switching\r\nUpgrade: raw\r\n"
       "Connection: Upgrade\r\nX-N: up\r\n\r\nfirst");
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(upgrade));
   env.bounded(kj::mv(written));
   KJ_EXPECT(response.statusCode == 101);
   KJ_EXPECT(env.fetcher->getState() == State::CLOSED);
@@ -550,16 +556,11 @@ BOTH_TRANSPORTS(upgradeThroughRequestBodyOutlivesFetcher,
 BOTH_TRANSPORTS(upgradeBodyDroppedBeforeRead,
     "a 101 to request(), its fetcher gone: the body dropped before its pending read, "
     "then the read") {
-  auto h = env.headers();
-  h.set(kj::HttpHeaderId::CONNECTION, "Upgrade");
-  h.set(kj::HttpHeaderId::UPGRADE, "raw");
-  auto req = env.fetcher->request(kj::HttpMethod::GET, "/up", h);
-  req.body = nullptr;
-  env.peer->readRequest();
+  auto upgrade = requestUpgrade(env);
   env.fetcher = nullptr;
   auto written = env.peer->sendLater("HTTP/1.1 101 Switching\r\nUpgrade: raw\r\n"
       "Connection: Upgrade\r\n\r\nab");
-  auto response = env.bounded(kj::mv(req.response));
+  auto response = env.bounded(kj::mv(upgrade));
   env.bounded(kj::mv(written));
   char buffer[16];
   KJ_EXPECT(env.read(*response.body, buffer, 2, 2) == 2);
