@@ -136,7 +136,7 @@ public:
     // The fetcher is CLOSED and its connection closed. A failed exchange whose response is still
     // being read (say, its request body was dropped short) keeps the connection until that
     // response is over: the fetcher is CLOSED at once, this is called then. Must not destroy the
-    // fetcher synchronously; may drop response bodies (body-lifetime-test does).
+    // fetcher synchronously; may drop response bodies (either callback may).
   };
 
   void setObserver(kj::Maybe<Observer&> observer) { this->observer = observer; }
