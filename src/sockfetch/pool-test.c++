@@ -229,14 +229,17 @@ KJ_TEST("ConnectionPool retries a WebSocket handshake that hit a stale connectio
   KJ_EXPECT(env.server->accepted == 2);
 }
 
-kj::Promise<kj::String> getWithOwnHeaders(Env& env, kj::StringPtr url) {
-  // A GET whose headers (indexed, unindexed, repeated, empty) are gone once request() returns.
+kj::Promise<kj::String> getWithOwnHeaders(Env& env, kj::StringPtr url,
+    kj::StringPtr longValue = nullptr) {
+  // A GET whose headers (indexed, unindexed, repeated, empty, and `longValue` as X-Long if
+  // given) are gone once request() returns.
   kj::HttpHeaders headers(env.table);
   headers.set(kj::HttpHeaderId::HOST, "upstream.test");
   headers.add("X-Trace", kj::str("trace ", url));
   headers.add("X-Dup", "1");
   headers.add("X-Dup", "2");
   headers.add("X-Empty", "");
+  if (longValue != nullptr) headers.add("X-Long", longValue);
   auto request = env.pool->request(kj::HttpMethod::GET, kj::str(url, "?q=a%20b"), headers);
   request.body = nullptr;
   return request.response.then([](kj::HttpClient::Response&& response) {
@@ -248,18 +251,26 @@ constexpr kj::StringPtr OWN_HEADERS = "Host: upstream.test\r\nX-Trace: trace /x\
     "X-Dup: 2\r\nX-Empty: \r\n\r\n"_kj;
 
 KJ_TEST("ConnectionPool sends a retried request with the caller's exact url and headers") {
-  kj::Vector<kj::String> seen;
-  Env env([&seen](unsigned connection, unsigned request, kj::StringPtr text) {
-    seen.add(kj::str(text));
-    return closeOnSecond(connection, request, text);
-  });
-  KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
-  KJ_EXPECT(getWithOwnHeaders(env, "/x").wait(env.ws) == "/x?q=a%20b");
-  KJ_EXPECT(env.pool->getStats().retries == 1);
-  KJ_ASSERT(seen.size() == 3);
-  auto expected = kj::str("GET /x?q=a%20b HTTP/1.1\r\n", OWN_HEADERS);
-  KJ_EXPECT(seen[1] == expected, seen[1]);
-  KJ_EXPECT(seen[2] == expected, seen[2]);
+  // Short headers and long ones (the pool keeps its copy of a request inline up to a size, on
+  // the heap beyond it).
+  auto longValue = kj::str(kj::repeat('l', 700));
+  for (kj::StringPtr extra: {kj::StringPtr(nullptr), longValue.asPtr()}) {
+    KJ_CONTEXT(extra.size());
+    kj::Vector<kj::String> seen;
+    Env env([&seen](unsigned connection, unsigned request, kj::StringPtr text) {
+      seen.add(kj::str(text));
+      return closeOnSecond(connection, request, text);
+    });
+    KJ_EXPECT(env.get("/one").wait(env.ws) == "/one");
+    KJ_EXPECT(getWithOwnHeaders(env, "/x", extra).wait(env.ws) == "/x?q=a%20b");
+    KJ_EXPECT(env.pool->getStats().retries == 1);
+    KJ_ASSERT(seen.size() == 3);
+    auto headers = extra == nullptr ? kj::str(OWN_HEADERS)
+        : kj::str(OWN_HEADERS.slice(0, OWN_HEADERS.size() - 2), "X-Long: ", extra, "\r\n\r\n");
+    auto expected = kj::str("GET /x?q=a%20b HTTP/1.1\r\n", headers);
+    KJ_EXPECT(seen[1] == expected, seen[1]);
+    KJ_EXPECT(seen[2] == expected, seen[2]);
+  }
 }
 
 KJ_TEST("ConnectionPool sends a request that waited with the caller's exact url and headers") {

@@ -40,18 +40,19 @@ bool isIdempotent(kj::HttpMethod method) {
 }
 
 class RequestCopy {
-  // A request's url and headers, copied into one allocation: the caller's are valid only during
-  // request(), but the pool may send the request later (it waited for a connection) or again (a
-  // retry). A kj::HttpHeaders over the copy is built only then.
+  // A request's url and headers, copied (into the object itself if they are small, else into one
+  // allocation): the caller's are valid only during request(), but the pool may send the request
+  // later (it waited for a connection) or again (a retry). A kj::HttpHeaders over the copy is
+  // built only then.
 public:
   RequestCopy(kj::StringPtr url, const kj::HttpHeaders& headers) {
-    size_t size = url.size() + 1;
+    size = url.size() + 1;
     headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
       size += name.size() + value.size() + 2;
       ++headerCount;
     });
-    text = kj::heapArray<char>(size);
-    char* pos = text.begin();
+    if (size > sizeof(inlineText)) largeText = kj::heapArray<char>(size);
+    char* pos = text();
     auto put = [&pos](kj::StringPtr s) {
       memcpy(pos, s.cStr(), s.size() + 1);
       pos += s.size() + 1;
@@ -63,9 +64,15 @@ public:
     });
     urlSize = url.size();
   }
+  RequestCopy(RequestCopy&& other)
+      : largeText(kj::mv(other.largeText)), size(other.size), urlSize(other.urlSize),
+        headerCount(other.headerCount) {
+    KJ_ASSERT(other.headers == nullptr, "a RequestCopy moves only before its headers are built");
+    if (largeText.size() == 0) memcpy(inlineText, other.inlineText, size);
+  }
   KJ_DISALLOW_COPY(RequestCopy);
 
-  kj::StringPtr getUrl() const { return kj::StringPtr(text.begin(), urlSize); }
+  kj::StringPtr getUrl() { return kj::StringPtr(text(), urlSize); }
 
   const kj::HttpHeaders& getHeaders() {
     KJ_IF_SOME(h, headers) {
@@ -76,7 +83,7 @@ public:
     // kept and the copy is sent exactly as the original, whatever table the caller's headers use.
     static const kj::HttpHeaderTable builtInsOnly;
     auto h = kj::heap<kj::HttpHeaders>(builtInsOnly);
-    const char* pos = text.begin() + urlSize + 1;
+    const char* pos = text() + urlSize + 1;
     auto take = [&pos]() {
       kj::StringPtr s(pos, strlen(pos));
       pos += s.size() + 1;
@@ -92,15 +99,37 @@ public:
   }
 
 private:
-  kj::Array<char> text;  // the url, then each header's name and value, each NUL-terminated
+  // The url, then each header's name and value, each NUL-terminated: in `inlineText` if they fit
+  // (a typical request's few headers, kept without an allocation of their own), else in
+  // `largeText`.
+  char inlineText[256];
+  kj::Array<char> largeText;
+  size_t size = 0;
   size_t urlSize = 0;
   size_t headerCount = 0;
-  kj::Maybe<kj::Own<kj::HttpHeaders>> headers;  // points into `text`
+  kj::Maybe<kj::Own<kj::HttpHeaders>> headers;  // points into the text
+
+  char* text() { return largeText.size() > 0 ? largeText.begin() : inlineText; }
 };
 
 kj::Exception lostBeforeSent(kj::StringPtr reason) {
   return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
       "was sent (", reason, "); nothing of it was written, so it is safe to send again"));
+}
+
+enum class BodyMode { NONE, BUFFERED, STREAMING };
+
+BodyMode bodyModeOf(kj::HttpMethod method, const kj::HttpHeaders& headers,
+    kj::Maybe<uint64_t> expectedBodySize, size_t maxReplayBodyBytes) {
+  // How the pool handles a request's body: none (kj-http sends none either), buffered until
+  // complete (so that a retry can replay it), or streamed to the connection once it has one.
+  bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
+  KJ_IF_SOME(size, expectedBodySize) {
+    if (isGet && size == 0) return BodyMode::NONE;
+    return size <= maxReplayBodyBytes ? BodyMode::BUFFERED : BodyMode::STREAMING;
+  }
+  if (isGet && headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) == nullptr) return BodyMode::NONE;
+  return BodyMode::STREAMING;
 }
 
 bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool staleCandidate,
@@ -254,27 +283,13 @@ public:
 
 class ConnectionPool::Attempt final: public kj::Refcounted {
 public:
-  enum class BodyMode { NONE, BUFFERED, STREAMING };
-
   Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
       const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
-      : life(kj::addRef(*pool.life)), method(method),
-        copy(url, headers), expectedBodySize(expectedBodySize) {
-    bool isGet = method == kj::HttpMethod::GET || method == kj::HttpMethod::HEAD;
-    KJ_IF_SOME(size, expectedBodySize) {
-      if (isGet && size == 0) {
-        bodyMode = BodyMode::NONE;
-      } else if (size <= pool.settings.maxReplayBodyBytes) {
-        bodyMode = BodyMode::BUFFERED;
-        expected = size;
-      } else {
-        bodyMode = BodyMode::STREAMING;
-      }
-    } else if (isGet && headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) == nullptr) {
-      bodyMode = BodyMode::NONE;
-    } else {
-      bodyMode = BodyMode::STREAMING;
-    }
+      : life(kj::addRef(*pool.life)), method(method), copy(url, headers),
+        expectedBodySize(expectedBodySize),
+        bodyMode(bodyModeOf(method, headers, expectedBodySize,
+            pool.settings.maxReplayBodyBytes)) {
+    if (bodyMode == BodyMode::BUFFERED) expected = KJ_ASSERT_NONNULL(expectedBodySize);
     if (bodyMode == BodyMode::BUFFERED && expected > 0) {
       auto paf = kj::newPromiseAndFulfiller<void>();
       bodyBuffered = paf.promise.fork();
@@ -447,7 +462,7 @@ public:
   kj::HttpMethod method;
   RequestCopy copy;  // for a request sent after request() returned
   kj::Maybe<uint64_t> expectedBodySize;
-  BodyMode bodyMode = BodyMode::NONE;
+  BodyMode bodyMode;
   uint64_t expected = 0;
   kj::Vector<kj::byte> buffered;
   kj::Maybe<kj::ForkedPromise<void>> bodyBuffered;        // while a buffered body is incomplete
@@ -606,12 +621,17 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
 kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
   ++stats.requests;
+  if (bodyModeOf(method, headers, expectedBodySize, settings.maxReplayBodyBytes) ==
+      BodyMode::NONE) {
+    KJ_IF_SOME(connection, takeIdle()) {
+      return sendBodilessNow(method, url, headers, expectedBodySize, kj::mv(connection));
+    }
+  }
   auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
   Attempt* raw = attempt.get();
   kj::Own<kj::AsyncOutputStream> body;
-  if (raw->bodyMode == Attempt::BodyMode::NONE) {
-    static NoBody noBody;  // stateless: shared, never freed
-    body = kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
+  if (raw->bodyMode == BodyMode::NONE) {
+    body = noBody();
   } else {
     body = kj::heap<PendingBody>(kj::addRef(*attempt));
   }
@@ -619,13 +639,14 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   bool sentNow = false;
   if (raw->bodyReady()) {
     KJ_IF_SOME(connection, takeIdle()) {
-      // The common case: an idle connection is ready, send now with the caller's headers.
+      // An idle connection is ready and the body need not be buffered first: send now with the
+      // caller's headers.
       response = raw->send(kj::mv(connection), url, headers);
       sentNow = true;
     }
   }
   if (!sentNow) response = raw->run();
-  if (raw->bodyMode == Attempt::BodyMode::STREAMING) {
+  if (raw->bodyMode == BodyMode::STREAMING) {
     // The body's writes wait for a connection, so the request must proceed whether or not the
     // caller awaits the response yet (eagerly), and a writer must hear that there will be no
     // connection, or that the request was given up.
@@ -637,12 +658,48 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
           "the request was cancelled before a connection carried its body"));
     })).eagerlyEvaluate(nullptr);
   }
-  if (sentNow && raw->bodyMode == Attempt::BodyMode::NONE) {
-    // Sent at once, with no body to feed: the response's continuations hold the attempt as long
-    // as they need it, so it needs no attachment of its own (one allocation fewer per request).
-    return Request{kj::mv(body), kj::mv(response)};
-  }
   return Request{kj::mv(body), response.attach(kj::mv(attempt))};
+}
+
+kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
+    kj::StringPtr url, const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize,
+    kj::Own<Connection> connection) {
+  auto& fetcher = *connection->fetcher;
+  kj::Maybe<Request> started;
+  KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
+    started = fetcher.request(method, url, headers, expectedBodySize);
+  })) {
+    // Found lost before anything was written (the server closed or poisoned it while idle): sent
+    // again on a new connection, as any attempt would be.
+    auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
+    auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
+    return Request{noBody(), response.attach(kj::mv(attempt))};
+  }
+  connection->countUse();
+  auto request = kj::mv(KJ_ASSERT_NONNULL(started));
+  auto response = request.response.catch_(
+      [life = kj::addRef(*life), method, expectedBodySize, copy = RequestCopy(url, headers),
+       connection = kj::mv(connection)](kj::Exception&& e) mutable -> kj::Promise<Response> {
+    // A bodiless request is replayable, so whether it may be sent again depends on how it failed
+    // (see mayRetry()); an attempt to send it again is made only then.
+    bool stale = connection->lastUseWasStale();
+    bool wroteAny = connection->fetcher->lastExchangeWroteRequest();
+    if (!mayRetry(e, true, isIdempotent(method), stale, wroteAny)) return kj::mv(e);
+    KJ_IF_SOME(pool, life->pool) {
+      auto attempt = kj::refcounted<Attempt>(pool, method, copy.getUrl(), copy.getHeaders(),
+          expectedBodySize);
+      auto retry = attempt->retryOrThrow(kj::mv(e), stale, wroteAny);
+      return retry.attach(kj::mv(attempt));
+    }
+    return kj::mv(e);  // the pool is gone: nowhere to retry
+  });
+  return Request{noBody(), kj::mv(response)};
+}
+
+kj::Own<kj::AsyncOutputStream> ConnectionPool::noBody() {
+  // The body stream of a request without one: stateless, so one serves every request.
+  static NoBody noBody;
+  return kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
 }
 
 kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
