@@ -615,10 +615,7 @@ void Round::checkQuiescent() {
       pool->getIdleCount());
   KJ_EXPECT(s.requests == requestsMade, w, "every request() counted once", s.requests,
       requestsMade);
-  uint64_t dropped = s.droppedPeerClosedIdle + s.droppedUnsolicitedBytes +
-      s.droppedConnectionClose + s.droppedNotReusable + s.droppedUpgraded + s.droppedAbandoned +
-      s.droppedRequestIncomplete + s.droppedStale + s.droppedFailed + s.droppedIdleTimeout +
-      s.droppedIdleLimit + s.droppedMaxRequests + s.droppedNeverReuse + s.droppedForRetry;
+  uint64_t dropped = s.dropped();
   for (uint64_t value: {s.connectionsOpened, s.connectFailures, s.requests, s.reuses, s.retries,
            s.waits, s.overloaded, dropped}) {
     KJ_EXPECT(value < 1000000, w, "a counter overflowed or went below zero", value);

@@ -90,6 +90,14 @@ public:
     uint64_t droppedMaxRequests = 0;      // served Settings::maxRequestsPerConnection
     uint64_t droppedNeverReuse = 0;       // Settings::neverReuse
     uint64_t droppedForRetry = 0;         // closed to make room for a retry's new connection
+
+    uint64_t dropped() const {
+      // Connections dropped, all reasons together.
+      return droppedPeerClosedIdle + droppedUnsolicitedBytes + droppedConnectionClose +
+          droppedNotReusable + droppedUpgraded + droppedAbandoned + droppedRequestIncomplete +
+          droppedStale + droppedFailed + droppedIdleTimeout + droppedIdleLimit +
+          droppedMaxRequests + droppedNeverReuse + droppedForRetry;
+    }
   };
 
   ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table, Connector connector,

@@ -212,6 +212,25 @@ ScriptedServer::Reply ok(kj::StringPtr body, kj::StringPtr extraHeaders = "");
 kj::String pathOf(kj::StringPtr request);
 // The path in a request's first line.
 
+template <typename Pool>
+void expectEveryConnectionCounted(kj::WaitScope& ws, const Pool& pool,
+    const unsigned& liveStreams) {
+  // For a ConnectionPool with nothing in flight, after a settle: every connection it opened is
+  // open (and idle) or counted once under a drop reason, and the sockets it holds (`liveStreams`,
+  // counted by the test's connector, and read only after what follows) are exactly those it
+  // counts. First lets the closes that events of this tick deferred (the pool stops counting a
+  // connection within the event that drops it, and closes it a turn later) happen.
+  for (int i = 0; i < 3; i++) kj::evalLater([]() {}).wait(ws);
+  auto& s = pool.getStats();
+  KJ_EXPECT(pool.getWaitingCount() == 0, pool.getWaitingCount());
+  KJ_EXPECT(pool.getOpenCount() == liveStreams, "getOpenCount() drifted from the sockets held",
+      pool.getOpenCount(), liveStreams);
+  KJ_EXPECT(pool.getIdleCount() == pool.getOpenCount(), pool.getIdleCount(), pool.getOpenCount());
+  KJ_EXPECT(s.connectionsOpened == pool.getOpenCount() + s.dropped(),
+      "a connection was dropped uncounted, or counted twice", s.connectionsOpened,
+      pool.getOpenCount(), s.dropped());
+}
+
 }  // namespace test
 }  // namespace sockfetch
 
