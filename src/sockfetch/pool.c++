@@ -284,11 +284,10 @@ public:
 class ConnectionPool::Attempt final: public kj::Refcounted {
 public:
   Attempt(ConnectionPool& pool, kj::HttpMethod method, kj::StringPtr url,
-      const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize)
+      const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize, BodyMode bodyMode)
       : life(kj::addRef(*pool.life)), method(method), copy(url, headers),
-        expectedBodySize(expectedBodySize),
-        bodyMode(bodyModeOf(method, headers, expectedBodySize,
-            pool.settings.maxReplayBodyBytes)) {
+        expectedBodySize(expectedBodySize), bodyMode(bodyMode) {
+    // `bodyMode`: bodyModeOf() the request, which the caller has already worked out.
     if (bodyMode == BodyMode::BUFFERED) expected = KJ_ASSERT_NONNULL(expectedBodySize);
     if (bodyMode == BodyMode::BUFFERED && expected > 0) {
       auto paf = kj::newPromiseAndFulfiller<void>();
@@ -621,13 +620,14 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
 kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
   ++stats.requests;
-  if (bodyModeOf(method, headers, expectedBodySize, settings.maxReplayBodyBytes) ==
-      BodyMode::NONE) {
+  auto bodyMode = bodyModeOf(method, headers, expectedBodySize, settings.maxReplayBodyBytes);
+  if (bodyMode == BodyMode::NONE) {
     KJ_IF_SOME(connection, takeIdle()) {
       return sendBodilessNow(method, url, headers, expectedBodySize, kj::mv(connection));
     }
   }
-  auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
+  auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
+      bodyMode);
   Attempt* raw = attempt.get();
   kj::Own<kj::AsyncOutputStream> body;
   if (raw->bodyMode == BodyMode::NONE) {
@@ -671,7 +671,8 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
   })) {
     // Found lost before anything was written (the server closed or poisoned it while idle): sent
     // again on a new connection, as any attempt would be.
-    auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize);
+    auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
+        BodyMode::NONE);
     auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
     return Request{noBody(), response.attach(kj::mv(attempt))};
   }
@@ -687,7 +688,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     if (!mayRetry(e, true, isIdempotent(method), stale, wroteAny)) return kj::mv(e);
     KJ_IF_SOME(pool, life->pool) {
       auto attempt = kj::refcounted<Attempt>(pool, method, copy.getUrl(), copy.getHeaders(),
-          expectedBodySize);
+          expectedBodySize, BodyMode::NONE);
       auto retry = attempt->retryOrThrow(kj::mv(e), stale, wroteAny);
       return retry.attach(kj::mv(attempt));
     }
