@@ -46,23 +46,12 @@ class RequestCopy {
   // built only then.
 public:
   RequestCopy(kj::StringPtr url, const kj::HttpHeaders& headers) {
-    size = url.size() + 1;
-    headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
-      size += name.size() + value.size() + 2;
-      ++headerCount;
-    });
-    if (size > sizeof(inlineText)) largeText = kj::heapArray<char>(size);
-    char* pos = text();
-    auto put = [&pos](kj::StringPtr s) {
-      memcpy(pos, s.cStr(), s.size() + 1);
-      pos += s.size() + 1;
-    };
-    put(url);
-    headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
-      put(name);
-      put(value);
-    });
-    urlSize = url.size();
+    // One pass over the headers when they fit in the object (the usual request), two when not.
+    if (!copyInto(kj::arrayPtr(inlineText, sizeof(inlineText)), url, headers)) {
+      largeText = kj::heapArray<char>(size);
+      bool copied = copyInto(largeText, url, headers);
+      KJ_ASSERT(copied);
+    }
   }
   RequestCopy(RequestCopy&& other)
       : largeText(kj::mv(other.largeText)), size(other.size), urlSize(other.urlSize),
@@ -110,6 +99,29 @@ private:
   kj::Maybe<kj::Own<kj::HttpHeaders>> headers;  // points into the text
 
   char* text() { return largeText.size() > 0 ? largeText.begin() : inlineText; }
+
+  bool copyInto(kj::ArrayPtr<char> out, kj::StringPtr url, const kj::HttpHeaders& headers) {
+    // Copies the url and headers into `out` if they fit; either way sets `size` (what they need)
+    // and `headerCount`.
+    char* pos = out.begin();
+    size = 0;
+    headerCount = 0;
+    auto put = [&](kj::StringPtr s) {
+      size += s.size() + 1;
+      if (size <= out.size()) {
+        memcpy(pos, s.cStr(), s.size() + 1);
+        pos += s.size() + 1;
+      }
+    };
+    put(url);
+    headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
+      put(name);
+      put(value);
+      ++headerCount;
+    });
+    urlSize = url.size();
+    return size <= out.size();
+  }
 };
 
 kj::Exception lostBeforeSent(kj::StringPtr reason) {
