@@ -17,13 +17,12 @@ public:
 };
 
 template <typename T>
-T removeAt(kj::Vector<T>& vector, size_t index) {
-  // Removes one element, keeping the order of the others (the idle list is ordered by age).
-  T removed = kj::mv(vector[index]);
-  for (size_t i = index + 1; i < vector.size(); i++) vector[i - 1] = kj::mv(vector[i]);
-  vector.removeLast();
-  return removed;
-}
+struct ChainLink {
+  // A T's place in a ConnectionPool::Chain<T>.
+  T* older = nullptr;
+  T* newer = nullptr;
+  bool linked = false;
+};
 
 bool isIdempotent(kj::HttpMethod method) {
   switch (method) {
@@ -178,10 +177,47 @@ public:
 };
 
 // =================================================================================================
-// Connection: one pooled StreamFetcher. Refcounted: the pool's idle list and a request being sent
-// hold a reference, and while its fetcher is busy the connection holds one to itself (the pool
-// is then the only one that knows it), dropped when the fetcher reports idle or closed, or when
-// the pool lets go of it.
+// Chain
+
+template <typename T>
+void ConnectionPool::Chain<T>::add(T& item) {
+  auto& link = item.chainLink;
+  KJ_IREQUIRE(!link.linked);
+  link.older = last;
+  link.newer = nullptr;
+  link.linked = true;
+  if (last == nullptr) {
+    first = &item;
+  } else {
+    last->chainLink.newer = &item;
+  }
+  last = &item;
+  ++count;
+}
+
+template <typename T>
+void ConnectionPool::Chain<T>::remove(T& item) {
+  auto& link = item.chainLink;
+  KJ_IREQUIRE(link.linked);
+  if (link.older == nullptr) {
+    first = link.newer;
+  } else {
+    link.older->chainLink.newer = link.newer;
+  }
+  if (link.newer == nullptr) {
+    last = link.older;
+  } else {
+    link.newer->chainLink.older = link.older;
+  }
+  link = ChainLink<T>();
+  --count;
+}
+
+// =================================================================================================
+// Connection: one pooled StreamFetcher. Refcounted: a request being sent holds a reference. The
+// pool holds none (it only lists and links its connections); instead a connection holds one to
+// itself while it is idle (dropped when it leaves the idle chain) and while its fetcher is busy
+// (dropped when the fetcher reports idle or closed, or when the pool lets go of it).
 
 class ConnectionPool::Connection final: public kj::Refcounted, public StreamFetcher::Observer {
 public:
@@ -189,6 +225,7 @@ public:
       : pool(pool), fetcher(kj::heap<StreamFetcher>(kj::mv(stream), pool.table,
                         pool.settings.fetcher)) {
     fetcher->setObserver(*this);
+    allIndex = pool.all.size();
     pool.all.add(this);
   }
 
@@ -206,13 +243,10 @@ public:
     // its exchange finishes without a fetcher, and closes the connection once over.
     auto leaving = kj::mv(busy);  // may destroy this connection on return: nothing follows
     KJ_IF_SOME(p, pool) {
-      for (size_t i = 0; i < p.all.size(); i++) {
-        if (p.all[i] == this) {
-          p.all[i] = p.all.back();
-          p.all.removeLast();
-          break;
-        }
-      }
+      Connection* moved = p.all.back();
+      p.all[allIndex] = moved;
+      moved->allIndex = allIndex;
+      p.all.removeLast();
       pool = nullptr;
       fetcher->setObserver(nullptr);
     }
@@ -258,6 +292,9 @@ public:
   kj::Own<StreamFetcher> fetcher;
   kj::Own<Connection> busy;  // itself, while its fetcher is busy (see above)
   uint64_t uses = 0;
+  size_t allIndex = 0;       // where the pool lists it in `all`, while in the pool
+  ChainLink<Connection> chainLink;  // in the pool's idle chain, while idle
+  kj::Own<Connection> idleSelf;     // itself, while in the idle chain
   kj::TimePoint idleSince = kj::origin<kj::TimePoint>();  // while idle
 };
 
@@ -268,7 +305,7 @@ class ConnectionPool::Waiter {
 public:
   Waiter(ConnectionPool& pool, bool fresh, kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> f)
       : pool(pool), fresh(fresh), fulfiller(kj::mv(f)) {
-    pool.waiters.add(this);
+    pool.waiters.add(*this);
   }
   ~Waiter() noexcept(false) {
     unlink();
@@ -276,18 +313,13 @@ public:
   KJ_DISALLOW_COPY(Waiter);
 
   void unlink() {
-    auto& list = pool.waiters;
-    for (size_t i = 0; i < list.size(); i++) {
-      if (list[i] == this) {
-        removeAt(list, i);
-        return;
-      }
-    }
+    if (chainLink.linked) pool.waiters.remove(*this);
   }
 
   ConnectionPool& pool;
   bool fresh;
   kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller;
+  ChainLink<Waiter> chainLink;  // in the pool's waiters, until served or gone
 };
 
 // =================================================================================================
@@ -626,7 +658,7 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
   while (!all.empty()) all.back()->detach();
   canceler.cancel(KJ_EXCEPTION(DISCONNECTED,
       "the ConnectionPool was destroyed while this request was waiting for a connection"));
-  idle.clear();
+  while (!idle.empty()) removeIdle(idle.oldest());
 }
 
 kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
@@ -717,8 +749,7 @@ kj::Own<kj::AsyncOutputStream> ConnectionPool::noBody() {
 
 kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
   while (!idle.empty()) {
-    auto connection = kj::mv(idle.back());
-    idle.removeLast();
+    auto connection = removeIdle(idle.newest());
     if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
       return kj::mv(connection);
     }
@@ -743,7 +774,7 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fr
   }
   if (getOpenCount() >= settings.maxConnections && fresh && !idle.empty()) {
     // Make room for the new connection a retry needs: close the least recently used idle one.
-    closeIdle(0, &Stats::droppedForRetry);
+    closeOldestIdle(&Stats::droppedForRetry);
   }
   if (getOpenCount() < settings.maxConnections) return connect();
 
@@ -831,7 +862,7 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     return;
   }
   while (!waiters.empty()) {
-    auto& waiter = *waiters[0];
+    auto& waiter = waiters.oldest();
     waiter.unlink();
     if (!waiter.fulfiller->isWaiting()) continue;
     if (waiter.fresh) {
@@ -848,7 +879,7 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     return;
   }
   connection.idleSince = timer.now();
-  idle.add(kj::addRef(connection));
+  addIdle(connection);
   scheduleSweep();
 }
 
@@ -864,19 +895,29 @@ void ConnectionPool::scheduleSweep() {
   // One timer for the whole pool, due when the oldest idle connection (the front) expires.
   if (sweepScheduled || idle.empty()) return;
   sweepScheduled = true;
-  tasks.add(timer.atTime(idle[0]->idleSince + settings.idleTimeout).then([this]() {
+  tasks.add(timer.atTime(idle.oldest().idleSince + settings.idleTimeout).then([this]() {
     sweepScheduled = false;
     auto now = timer.now();
-    while (!idle.empty() && idle[0]->idleSince + settings.idleTimeout <= now) {
-      closeIdle(0, &Stats::droppedIdleTimeout);
+    while (!idle.empty() && idle.oldest().idleSince + settings.idleTimeout <= now) {
+      closeOldestIdle(&Stats::droppedIdleTimeout);
     }
     scheduleSweep();
   }));
 }
 
-void ConnectionPool::closeIdle(size_t index, uint64_t Stats::*counter) {
+void ConnectionPool::addIdle(Connection& connection) {
+  connection.idleSelf = kj::addRef(connection);
+  idle.add(connection);
+}
+
+kj::Own<ConnectionPool::Connection> ConnectionPool::removeIdle(Connection& connection) {
+  idle.remove(connection);
+  return kj::mv(connection.idleSelf);
+}
+
+void ConnectionPool::closeOldestIdle(uint64_t Stats::*counter) {
   ++(stats.*counter);
-  auto connection = removeAt(idle, index);
+  auto connection = removeIdle(idle.oldest());
   connection->detach();
   dispose(kj::mv(connection));
   serveWaiters();
@@ -892,12 +933,7 @@ void ConnectionPool::connectionClosed(Connection& connection) {
     countClose(fetcher.getCloseKind());
   }
   connection.detach();
-  for (size_t i = 0; i < idle.size(); i++) {
-    if (idle[i].get() == &connection) {
-      dispose(removeAt(idle, i));
-      break;
-    }
-  }
+  if (connection.chainLink.linked) dispose(removeIdle(connection));
   serveWaiters();
 }
 
@@ -908,7 +944,7 @@ void ConnectionPool::dispose(kj::Own<Connection> connection) {
 void ConnectionPool::serveWaiters() {
   // Capacity was freed: open connections for waiting requests.
   while (!waiters.empty() && getOpenCount() < settings.maxConnections) {
-    auto& waiter = *waiters[0];
+    auto& waiter = waiters.oldest();
     waiter.unlink();
     if (!waiter.fulfiller->isWaiting()) continue;
     connectFor(kj::mv(waiter.fulfiller));

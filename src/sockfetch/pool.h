@@ -144,6 +144,27 @@ private:
   class PendingBody;
   class ConnectSlot;
 
+  template <typename T>
+  class Chain {
+    // A list of objects that link themselves in (each T has a `ChainLink<T> chainLink`; see
+    // pool.c++), oldest first. Adding, removing any one and reaching either end cost the same
+    // however long the list is: a pool may hold thousands of idle connections or waiting
+    // requests, and they may all expire or close in one event. It holds no references; its users
+    // keep what is linked alive, and unlink it before it goes.
+  public:
+    bool empty() const { return count == 0; }
+    unsigned size() const { return count; }
+    T& oldest() { return *first; }
+    T& newest() { return *last; }
+    void add(T& item);     // as the newest
+    void remove(T& item);  // which must be linked here
+
+  private:
+    T* first = nullptr;
+    T* last = nullptr;
+    unsigned count = 0;
+  };
+
   kj::Own<Life> life;                       // tells attempts in flight whether the pool exists
   kj::Timer& timer;
   const kj::HttpHeaderTable& table;
@@ -152,9 +173,9 @@ private:
   Stats stats;
   unsigned connecting = 0;
   bool sweepScheduled = false;
-  kj::Vector<Connection*> all;              // every live connection, to detach on destruction
-  kj::Vector<kj::Own<Connection>> idle;     // most recently used last
-  kj::Vector<Waiter*> waiters;              // oldest first
+  kj::Vector<Connection*> all;              // every live connection (each knows its index here)
+  Chain<Connection> idle;                   // reused newest first, expired oldest first
+  Chain<Waiter> waiters;                    // served oldest first
   kj::Canceler canceler;                    // waits for a connection (they touch the pool)
   kj::Own<kj::TaskSet::ErrorHandler> errorHandler;
   kj::TaskSet tasks;                        // deferred closes, connects for waiters
@@ -170,7 +191,9 @@ private:
   kj::Promise<kj::Own<Connection>> connect();
   void connectionIdle(Connection& connection);
   void connectionClosed(Connection& connection);
-  void closeIdle(size_t index, uint64_t Stats::*counter);
+  void addIdle(Connection& connection);
+  kj::Own<Connection> removeIdle(Connection& connection);
+  void closeOldestIdle(uint64_t Stats::*counter);
   void retire(Connection& connection, uint64_t Stats::*counter);
   void dispose(kj::Own<Connection> connection);
   void serveWaiters();
