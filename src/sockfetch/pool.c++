@@ -454,6 +454,7 @@ public:
           return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
               expected, " bytes; declare the right expectedBodySize"));
         }
+        if (buffered.capacity() == 0) buffered.reserve(expected);  // one allocation, exact size
         buffered.addAll(bytes);
         if (buffered.size() == expected) {
           bodyBufferedFulfiller->fulfill();
