@@ -3,6 +3,7 @@
 //  - The pool: a request is sent again at most once, only when it can be replayed, never a POST
 //    whose bytes reached the server, and every dropped connection is counted under its reason.
 //    (The other pool suites drive a ScriptedServer, which is TCP or unix sockets only.)
+//    A 101 takes its connection out of the pool, counted as upgraded.
 //  - The guard: release() after the idle watch started (on a socket too) keeps the byte that
 //    watch read.
 
@@ -187,6 +188,31 @@ BOTH_TRANSPORTS(idleDropsCountedByReason,
   KJ_EXPECT(s.dropped() == 2, s.dropped());
   KJ_EXPECT(s.connectionsOpened == 2 && env.pool->getOpenCount() == 0, s.connectionsOpened,
       env.pool->getOpenCount());
+}
+
+BOTH_TRANSPORTS(upgradeCountedAndLeavesPool,
+    "a 101 to a plain request takes its connection out of the pool, counted as upgraded, and the "
+    "next request gets a new connection") {
+  env.serveFirst();
+  auto request = env.pool->request(kj::HttpMethod::GET, "/up", env.headers());
+  request.body = nullptr;
+  KJ_EXPECT(env.peer(0).readRequest().startsWith("GET /up "));
+  auto written = env.peer(0).sendLater(
+      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nraw");
+  auto response = env.bounded(kj::mv(request.response));
+  KJ_EXPECT(response.statusCode == 101, response.statusCode);
+  char buffer[3];
+  KJ_EXPECT(env.bounded(response.body->tryRead(buffer, 3, 3)) == 3);
+  KJ_EXPECT(kj::heapString(buffer, 3) == "raw");
+  env.bounded(kj::mv(written));
+  auto& s = env.pool->getStats();
+  KJ_EXPECT(s.droppedUpgraded == 1 && s.dropped() == 1, s.droppedUpgraded, s.dropped());
+  KJ_EXPECT(env.pool->getOpenCount() == 0 && env.pool->getIdleCount() == 0);
+
+  auto next = env.pool->request(kj::HttpMethod::GET, "/next", env.headers());
+  next.body = nullptr;
+  KJ_EXPECT(env.peer(1).readRequest().startsWith("GET /next "));
+  KJ_EXPECT(env.connects == 2, env.connects);
 }
 
 // =================================================================================================
