@@ -222,8 +222,10 @@ void ConnectionPool::Chain<T>::remove(T& item) {
 class ConnectionPool::Connection final: public kj::Refcounted, public StreamFetcher::Observer {
 public:
   Connection(ConnectionPool& pool, kj::Own<kj::AsyncIoStream> stream)
-      : pool(pool), fetcher(kj::heap<StreamFetcher>(kj::mv(stream), pool.table,
-                        pool.settings.fetcher)) {
+      : Connection(pool, kj::heap<StreamFetcher>(kj::mv(stream), pool.table,
+                             pool.settings.fetcher), 0) {}
+  Connection(ConnectionPool& pool, kj::Own<StreamFetcher> fetcherToAdopt, uint64_t uses)
+      : pool(pool), fetcher(kj::mv(fetcherToAdopt)), uses(uses) {
     fetcher->setObserver(*this);
     allIndex = pool.all.size();
     pool.all.add(this);
@@ -231,10 +233,17 @@ public:
 
   ~Connection() noexcept(false) {
     KJ_IF_SOME(p, pool) {
-      // Dropped while still in the pool's hands (a request gave up just as it was handed this
-      // connection): its capacity is free for whoever waits.
+      // Dropped while still in the pool's hands: a request gave up, or its wait timed out, in
+      // the very event it was handed this connection, before sending anything on it. Its
+      // fetcher is then as clean as when it was handed over, and goes back to the pool in a new
+      // Connection (this one is going). Any other is closed, and counted.
       detach();
-      p.serveWaiters();
+      if (fetcher->getState() == StreamFetcher::State::IDLE) {
+        p.readopt(kj::mv(fetcher), uses);
+      } else {
+        ++p.stats.droppedAbandoned;
+        p.serveWaiters();
+      }
     }
   }
 
@@ -904,6 +913,13 @@ void ConnectionPool::scheduleSweep() {
     }
     scheduleSweep();
   }));
+}
+
+void ConnectionPool::readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses) {
+  // As if the fetcher had just reported idle: the next waiter gets it, or the idle chain, or it
+  // is closed as any connection coming back is (idle limit, maxRequestsPerConnection, ...).
+  auto connection = kj::refcounted<Connection>(*this, kj::mv(fetcher), uses);
+  connectionIdle(*connection);
 }
 
 void ConnectionPool::addIdle(Connection& connection) {

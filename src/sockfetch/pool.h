@@ -191,6 +191,7 @@ private:
   kj::Promise<kj::Own<Connection>> connect();
   void connectionIdle(Connection& connection);
   void connectionClosed(Connection& connection);
+  void readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses);
   void addIdle(Connection& connection);
   kj::Own<Connection> removeIdle(Connection& connection);
   void closeOldestIdle(uint64_t Stats::*counter);
