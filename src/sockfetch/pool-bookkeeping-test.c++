@@ -10,12 +10,11 @@
 
 #include "pool.h"
 
-#include <sockfetch/connector.h>
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/pipe-pool-env.h>
 
 #include <kj/debug.h>
 #include <kj/test.h>
-#include <kj/timer.h>
 #include <kj/vector.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,185 +23,10 @@ namespace sockfetch {
 namespace {
 
 using Response = kj::HttpClient::Response;
-
-// =================================================================================================
-// PipeUpstream: connections over in-process pipes, numbered from 0 as they are opened. Each
-// answers a request with its own number and the request's path ("7 /x"); a path starting with
-// "/close" gets `Connection: close` and the connection is then closed. end(n) ends connection n
-// from the server's side (a server closing an idle connection).
-
-class PipeUpstream {
-public:
-  PipeUpstream(): tasks(errors) {}
-
-  Connector connector() {
-    return [this]() -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
-      ++connects;
-      auto pipe = kj::newTwoWayPipe();
-      auto conn = kj::heap<Conn>(*this, conns.size(), kj::mv(pipe.ends[1]));
-      conns.add(conn.get());
-      tasks.add(serve(*conn).attach(kj::mv(conn)));
-      kj::Promise<kj::Own<kj::AsyncIoStream>> result = kj::mv(pipe.ends[0]);
-      KJ_IF_SOME(hook, inConnector) {
-        hook();  // synchronously, from within the pool
-      }
-      KJ_IF_SOME(delay, delayConnect) {
-        result = delay(kj::mv(result));
-      }
-      return result;
-    };
-  }
-
-  void end(unsigned n) {
-    KJ_IF_SOME(conn, conns[n]) {
-      conn.stream->shutdownWrite();
-    }
-  }
-
-  unsigned open = 0;      // server ends alive (the client end closes: the server end goes)
-  unsigned connects = 0;  // connector() calls
-  kj::Vector<kj::String> seen;  // "N /path", in the order requests arrived
-  kj::Maybe<kj::Function<void()>> inConnector;
-  kj::Maybe<kj::Function<kj::Promise<kj::Own<kj::AsyncIoStream>>(
-      kj::Promise<kj::Own<kj::AsyncIoStream>>)>> delayConnect;
-
-private:
-  struct Conn {
-    Conn(PipeUpstream& up, unsigned id, kj::Own<kj::AsyncIoStream> stream)
-        : up(up), id(id), stream(kj::mv(stream)) {
-      ++up.open;
-    }
-    ~Conn() noexcept(false) {
-      --up.open;
-      up.conns[id] = nullptr;
-    }
-    PipeUpstream& up;
-    unsigned id;
-    kj::Own<kj::AsyncIoStream> stream;
-    kj::Vector<char> head;
-    char buffer[256];
-  };
-  struct Errors final: public kj::TaskSet::ErrorHandler {
-    void taskFailed(kj::Exception&& e) override {
-      // A client end dropped while the server writes: not the test's concern.
-      if (e.getType() == kj::Exception::Type::DISCONNECTED) return;
-      KJ_FAIL_EXPECT("the test's upstream failed", e);
-    }
-  };
-
-  kj::Vector<kj::Maybe<Conn&>> conns;
-  Errors errors;
-  kj::TaskSet tasks;
-
-  kj::Promise<void> serve(Conn& c) {
-    return c.stream->tryRead(c.buffer, 1, sizeof(c.buffer)).then([this, &c](size_t n)
-        -> kj::Promise<void> {
-      if (n == 0) return kj::READY_NOW;  // the client closed
-      c.head.addAll(c.buffer, c.buffer + n);
-      auto text = c.head.asPtr();
-      if (text.size() < 4 || memcmp(text.end() - 4, "\r\n\r\n", 4) != 0) return serve(c);
-      size_t pathStart = 0;
-      while (text[pathStart] != ' ') pathStart++;
-      size_t pathEnd = ++pathStart;
-      while (text[pathEnd] != ' ') pathEnd++;
-      auto path = kj::heapString(text.slice(pathStart, pathEnd));
-      auto body = kj::str(c.id, " ", path);
-      seen.add(kj::heapString(body));
-      bool close = path.startsWith("/close");
-      auto reply = kj::str("HTTP/1.1 200 OK\r\n", close ? "Connection: close\r\n" : "",
-          "Content-Length: ", body.size(), "\r\n\r\n", body);
-      c.head.clear();
-      auto& r = reply;
-      return writeAll(*c.stream, r.asBytes()).attach(kj::mv(reply))
-          .then([this, &c, close]() -> kj::Promise<void> {
-        if (close) return kj::READY_NOW;  // Conn (and the server end) goes
-        return serve(c);
-      });
-    });
-  }
-};
-
-struct Env {
-  kj::EventLoop loop;
-  kj::WaitScope ws{loop};
-  kj::TimerImpl timer{kj::origin<kj::TimePoint>()};
-  kj::HttpHeaderTable table;
-  PipeUpstream upstream;
-  ConnectionPool::Settings settings;
-  kj::Own<ConnectionPool> pool;
-
-  explicit Env(ConnectionPool::Settings s): settings(s) {
-    pool = kj::heap<ConnectionPool>(timer, table, upstream.connector(), kj::mv(s));
-  }
-
-  kj::Promise<Response> start(kj::StringPtr path) {
-    // A GET whose response is pursued at once.
-    kj::HttpHeaders headers(table);
-    auto request = pool->request(kj::HttpMethod::GET, path, headers);
-    request.body = nullptr;
-    return request.response.eagerlyEvaluate(nullptr);
-  }
-
-  void turns(unsigned n = 30) {
-    for (unsigned i = 0; i < n; i++) kj::evalLater([]() {}).wait(ws);
-  }
-
-  template <typename T>
-  T bounded(kj::Promise<T>&& promise) {
-    // Everything is in-process: a promise that the event loop cannot complete is a hang.
-    KJ_ASSERT(promise.poll(ws), "hung: the event loop ran dry with this promise pending");
-    return promise.wait(ws);
-  }
-
-  kj::String read(Response&& response) {
-    KJ_ASSERT(response.statusCode == 200);
-    return bounded(response.body->readAllText().attach(kj::mv(response.body)));
-  }
-
-  kj::String get(kj::StringPtr path) {
-    return read(bounded(start(path)));
-  }
-
-  void advance(kj::Duration d) {
-    timer.advanceTo(timer.now() + d);
-    turns();
-  }
-
-  void checkCounted(kj::StringPtr where) {
-    // Nothing in flight: every connection opened is open (and idle) or counted once as dropped,
-    // and the pool's counts agree with the upstream's.
-    KJ_CONTEXT(where);
-    turns();
-    auto& s = pool->getStats();
-    KJ_EXPECT(pool->getWaitingCount() == 0, pool->getWaitingCount());
-    KJ_EXPECT(pool->getIdleCount() == pool->getOpenCount(), pool->getIdleCount(),
-        pool->getOpenCount());
-    KJ_EXPECT(pool->getOpenCount() == upstream.open, pool->getOpenCount(), upstream.open);
-    KJ_EXPECT(s.connectionsOpened == pool->getOpenCount() + s.dropped(),
-        "a connection was dropped uncounted, or counted twice", s.connectionsOpened,
-        pool->getOpenCount(), s.dropped());
-  }
-};
-
-ConnectionPool::Settings limits(unsigned maxConnections) {
-  ConnectionPool::Settings settings;
-  settings.maxConnections = maxConnections;
-  settings.maxIdleConnections = maxConnections;
-  settings.idleTimeout = 1000 * kj::SECONDS;
-  settings.waitTimeout = 1000 * kj::SECONDS;
-  settings.connectTimeout = 1000 * kj::SECONDS;
-  return settings;
-}
-
-kj::String outcomeOf(Env& env, kj::Promise<Response>&& promise) {
-  return env.bounded(promise.then([](Response&& r) {
-    return r.body->readAllText().attach(kj::mv(r.body));
-  }, [](kj::Exception&& e) { return kj::str("failed: ", e.getDescription()); }));
-}
-
-unsigned connectionOf(kj::StringPtr body) {
-  return strtoul(body.cStr(), nullptr, 10);
-}
+using Env = test::PipePoolEnv;
+using test::connectionOf;
+using test::limits;
+using test::outcomeOf;
 
 // =================================================================================================
 // A connection handed to a waiter that is gone by the time the hand-over reaches it

@@ -223,9 +223,10 @@ class ConnectionPool::Connection final: public kj::Refcounted, public StreamFetc
 public:
   Connection(ConnectionPool& pool, kj::Own<kj::AsyncIoStream> stream)
       : Connection(pool, kj::heap<StreamFetcher>(kj::mv(stream), pool.table,
-                             pool.settings.fetcher), 0) {}
-  Connection(ConnectionPool& pool, kj::Own<StreamFetcher> fetcherToAdopt, uint64_t uses)
-      : pool(pool), fetcher(kj::mv(fetcherToAdopt)), uses(uses) {
+                             pool.settings.fetcher), 0, pool.timer.now()) {}
+  Connection(ConnectionPool& pool, kj::Own<StreamFetcher> fetcherToAdopt, uint64_t uses,
+      kj::TimePoint idleSince)
+      : pool(pool), fetcher(kj::mv(fetcherToAdopt)), uses(uses), idleSince(idleSince) {
     fetcher->setObserver(*this);
     allIndex = pool.all.size();
     pool.all.add(this);
@@ -239,7 +240,7 @@ public:
       // Connection (this one is going). Any other is closed, and counted.
       detach();
       if (fetcher->getState() == StreamFetcher::State::IDLE) {
-        p.readopt(kj::mv(fetcher), uses);
+        p.readopt(kj::mv(fetcher), uses, idleSince);
       } else {
         ++p.stats.droppedAbandoned;
         p.serveWaiters();
@@ -304,7 +305,7 @@ public:
   size_t allIndex = 0;       // where the pool lists it in `all`, while in the pool
   ChainLink<Connection> chainLink;  // in the pool's idle chain, while idle
   kj::Own<Connection> idleSelf;     // itself, while in the idle chain
-  kj::TimePoint idleSince = kj::origin<kj::TimePoint>();  // while idle
+  kj::TimePoint idleSince;   // when it was opened, or last came back from a request
 };
 
 // =================================================================================================
@@ -858,8 +859,11 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   }).attach(kj::mv(slot));
 }
 
-void ConnectionPool::connectionIdle(Connection& connection) {
+void ConnectionPool::connectionIdle(Connection& connection, bool clockRuns) {
   // The connection came back clean. Called from within its fetcher: nothing here destroys it.
+  // `clockRuns`: it comes back unused (readopt()), so its idle time counts from when it last
+  // became idle, not from now.
+  if (!clockRuns) connection.idleSince = timer.now();
   if (settings.neverReuse) {
     retire(connection, &Stats::droppedNeverReuse);
     serveWaiters();
@@ -888,7 +892,10 @@ void ConnectionPool::connectionIdle(Connection& connection) {
     retire(connection, &Stats::droppedIdleLimit);
     return;
   }
-  connection.idleSince = timer.now();
+  if (clockRuns && connection.idleSince + settings.idleTimeout <= timer.now()) {
+    retire(connection, &Stats::droppedIdleTimeout);  // it expired while handed out
+    return;
+  }
   addIdle(connection);
   scheduleSweep();
 }
@@ -915,14 +922,23 @@ void ConnectionPool::scheduleSweep() {
   }));
 }
 
-void ConnectionPool::readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses) {
-  // As if the fetcher had just reported idle: the next waiter gets it, or the idle chain, or it
-  // is closed as any connection coming back is (idle limit, maxRequestsPerConnection, ...).
-  auto connection = kj::refcounted<Connection>(*this, kj::mv(fetcher), uses);
-  connectionIdle(*connection);
+void ConnectionPool::readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses,
+    kj::TimePoint idleSince) {
+  // As if the fetcher had just reported idle, but with its idle time running on from
+  // `idleSince`: the next waiter gets it, or the idle chain, or it is closed as any connection
+  // coming back is (expired, idle limit, maxRequestsPerConnection, ...).
+  auto connection = kj::refcounted<Connection>(*this, kj::mv(fetcher), uses, idleSince);
+  connectionIdle(*connection, true);
 }
 
 void ConnectionPool::addIdle(Connection& connection) {
+  // The chain is ordered by idleSince, which the sweep relies on. A connection that came back
+  // unused (readopt()) keeps the idleSince it had; it was taken as the newest, and given back in
+  // the same event, so no other can have become idle in between. max() keeps the order if one
+  // ever did, at the cost of that connection's idle time.
+  if (!idle.empty()) {
+    connection.idleSince = kj::max(connection.idleSince, idle.newest().idleSince);
+  }
   connection.idleSelf = kj::addRef(connection);
   idle.add(connection);
 }

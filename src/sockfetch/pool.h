@@ -189,9 +189,9 @@ private:
   kj::Promise<kj::Own<Connection>> acquire(bool fresh);
   kj::Maybe<kj::Own<Connection>> takeIdle();
   kj::Promise<kj::Own<Connection>> connect();
-  void connectionIdle(Connection& connection);
+  void connectionIdle(Connection& connection, bool clockRuns = false);
   void connectionClosed(Connection& connection);
-  void readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses);
+  void readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses, kj::TimePoint idleSince);
   void addIdle(Connection& connection);
   kj::Own<Connection> removeIdle(Connection& connection);
   void closeOldestIdle(uint64_t Stats::*counter);
