@@ -182,7 +182,7 @@ public:
 template <typename T>
 void ConnectionPool::Chain<T>::add(T& item) {
   auto& link = item.chainLink;
-  KJ_IREQUIRE(!link.linked);
+  KJ_ASSERT(!link.linked);
   link.older = last;
   link.newer = nullptr;
   link.linked = true;
@@ -196,9 +196,26 @@ void ConnectionPool::Chain<T>::add(T& item) {
 }
 
 template <typename T>
+void ConnectionPool::Chain<T>::addOlderThan(T& newer, T& item) {
+  auto& link = item.chainLink;
+  KJ_ASSERT(!link.linked && newer.chainLink.linked);
+  T* older = newer.chainLink.older;
+  link.older = older;
+  link.newer = &newer;
+  link.linked = true;
+  newer.chainLink.older = &item;
+  if (older == nullptr) {
+    first = &item;
+  } else {
+    older->chainLink.newer = &item;
+  }
+  ++count;
+}
+
+template <typename T>
 void ConnectionPool::Chain<T>::remove(T& item) {
   auto& link = item.chainLink;
-  KJ_IREQUIRE(link.linked);
+  KJ_ASSERT(link.linked);
   if (link.older == nullptr) {
     first = link.newer;
   } else {
@@ -234,10 +251,10 @@ public:
 
   ~Connection() noexcept(false) {
     KJ_IF_SOME(p, pool) {
-      // Dropped while still in the pool's hands: a request gave up, or its wait timed out, in
-      // the very event it was handed this connection, before sending anything on it. Its
-      // fetcher is then as clean as when it was handed over, and goes back to the pool in a new
-      // Connection (this one is going). Any other is closed, and counted.
+      // Dropped while still in the pool's hands: a request gave up, or its wait timed out, after
+      // it was handed this connection and before anything was sent on it. Its fetcher is then
+      // as clean as when it was handed over, and goes back to the pool in a new Connection (this
+      // one is going). Any other is closed, and counted.
       detach();
       if (fetcher->getState() == StreamFetcher::State::IDLE) {
         p.readopt(kj::mv(fetcher), uses, idleSince);
@@ -859,11 +876,18 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   }).attach(kj::mv(slot));
 }
 
-void ConnectionPool::connectionIdle(Connection& connection, bool clockRuns) {
-  // The connection came back clean. Called from within its fetcher: nothing here destroys it.
-  // `clockRuns`: it comes back unused (readopt()), so its idle time counts from when it last
-  // became idle, not from now.
-  if (!clockRuns) connection.idleSince = timer.now();
+void ConnectionPool::connectionIdle(Connection& connection, bool keepIdleSince) {
+  // The connection came back clean: from a request (called from within its fetcher), just
+  // opened for a request that gave up (connectFor()), or unused (readopt()). The caller holds it:
+  // nothing here destroys it. `keepIdleSince`: it comes back unused, so its idle time runs on
+  // from when it last became idle; if that is past idleTimeout, it is closed.
+  if (!keepIdleSince) {
+    connection.idleSince = timer.now();
+  } else if (connection.idleSince + settings.idleTimeout <= timer.now()) {
+    retire(connection, &Stats::droppedIdleTimeout);
+    serveWaiters();
+    return;
+  }
   if (settings.neverReuse) {
     retire(connection, &Stats::droppedNeverReuse);
     serveWaiters();
@@ -890,10 +914,6 @@ void ConnectionPool::connectionIdle(Connection& connection, bool clockRuns) {
   }
   if (idle.size() >= settings.maxIdleConnections) {
     retire(connection, &Stats::droppedIdleLimit);
-    return;
-  }
-  if (clockRuns && connection.idleSince + settings.idleTimeout <= timer.now()) {
-    retire(connection, &Stats::droppedIdleTimeout);  // it expired while handed out
     return;
   }
   addIdle(connection);
@@ -928,19 +948,27 @@ void ConnectionPool::readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses,
   // `idleSince`: the next waiter gets it, or the idle chain, or it is closed as any connection
   // coming back is (expired, idle limit, maxRequestsPerConnection, ...).
   auto connection = kj::refcounted<Connection>(*this, kj::mv(fetcher), uses, idleSince);
-  connectionIdle(*connection, true);
+  bool keepIdleSince = true;
+  connectionIdle(*connection, keepIdleSince);
 }
 
 void ConnectionPool::addIdle(Connection& connection) {
-  // The chain is ordered by idleSince, which the sweep relies on. A connection that came back
-  // unused (readopt()) keeps the idleSince it had; it was taken as the newest, and given back in
-  // the same event, so no other can have become idle in between. max() keeps the order if one
-  // ever did, at the cost of that connection's idle time.
-  if (!idle.empty()) {
-    connection.idleSince = kj::max(connection.idleSince, idle.newest().idleSince);
-  }
+  // The chain is ordered by idleSince, which the sweep relies on. The usual connection is the
+  // newest. One that came back unused (readopt()) keeps the idleSince it had, and others may
+  // have become idle, or come back unused, while it was out: it goes after the last that is not
+  // newer. (If the event loop read the clock while it was out, its expiry may come before the
+  // sweep already scheduled, which then closes it late, by less than idleTimeout.)
   connection.idleSelf = kj::addRef(connection);
-  idle.add(connection);
+  if (idle.empty() || idle.newest().idleSince <= connection.idleSince) {
+    idle.add(connection);
+    return;
+  }
+  Connection* newer = &idle.newest();
+  while (newer->chainLink.older != nullptr &&
+         newer->chainLink.older->idleSince > connection.idleSince) {
+    newer = newer->chainLink.older;
+  }
+  idle.addOlderThan(*newer, connection);
 }
 
 kj::Own<ConnectionPool::Connection> ConnectionPool::removeIdle(Connection& connection) {

@@ -157,6 +157,7 @@ private:
     T& oldest() { return *first; }
     T& newest() { return *last; }
     void add(T& item);     // as the newest
+    void addOlderThan(T& newer, T& item);  // just before `newer`, which is linked here
     void remove(T& item);  // which must be linked here
 
   private:
@@ -173,7 +174,8 @@ private:
   Stats stats;
   unsigned connecting = 0;
   bool sweepScheduled = false;
-  kj::Vector<Connection*> all;              // every live connection (each knows its index here)
+  kj::Vector<Connection*> all;              // every connection the pool counts (idle, busy,
+                                            // handed out), each knowing its index here
   Chain<Connection> idle;                   // reused newest first, expired oldest first
   Chain<Waiter> waiters;                    // served oldest first
   kj::Canceler canceler;                    // waits for a connection (they touch the pool)
@@ -189,7 +191,7 @@ private:
   kj::Promise<kj::Own<Connection>> acquire(bool fresh);
   kj::Maybe<kj::Own<Connection>> takeIdle();
   kj::Promise<kj::Own<Connection>> connect();
-  void connectionIdle(Connection& connection, bool clockRuns = false);
+  void connectionIdle(Connection& connection, bool keepIdleSince = false);
   void connectionClosed(Connection& connection);
   void readopt(kj::Own<StreamFetcher> fetcher, uint64_t uses, kj::TimePoint idleSince);
   void addIdle(Connection& connection);

@@ -357,5 +357,66 @@ KJ_TEST("readopt: a buffered-body request cancelled as soon as it took the idle 
   env.checkCounted("after /c");
 }
 
+KJ_TEST("readopt: two requests that each took an idle connection give up in the order they "
+    "took them; each connection keeps its own idle time, and the older expires first") {
+  // A WebSocket attempt takes the newest idle connection at once (acquire(false) -> takeIdle());
+  // dropped before the event loop runs, it sends nothing and the connection is readopted. The
+  // older connection then comes back after a newer one: it must go before it in the idle chain,
+  // with its own idle time, not the newer one's.
+  auto settings = limits(2);
+  settings.idleTimeout = 100 * kj::MILLISECONDS;
+  Env env(settings);
+  auto& s = env.pool->getStats();
+  auto a = env.bounded(env.start("/a"));
+  auto b = env.bounded(env.start("/b"));
+  KJ_EXPECT(env.read(kj::mv(b)) == "1 /b");  // connection 1 idle since t0: its last use
+  env.advance(50 * kj::MILLISECONDS);
+  KJ_EXPECT(env.read(kj::mv(a)) == "0 /a");  // connection 0 idle since t0+50
+  KJ_ASSERT(env.pool->getIdleCount() == 2);
+  env.advance(10 * kj::MILLISECONDS);  // t0+60
+  {
+    kj::HttpHeaders headers(env.table);
+    auto first = env.pool->openWebSocket("/ws0", headers);   // takes connection 0 (the newest)
+    auto second = env.pool->openWebSocket("/ws1", headers);  // takes connection 1
+    KJ_ASSERT(env.pool->getIdleCount() == 0);
+    { auto drop = kj::mv(first); }   // connection 0 back, idle since t0+50
+    { auto drop = kj::mv(second); }  // connection 1 back, idle since t0, before connection 0
+  }
+  KJ_ASSERT(env.pool->getIdleCount() == 2);
+  env.advance(50 * kj::MILLISECONDS);  // t0+110: connection 1 unused for 110 ms
+  KJ_EXPECT(s.droppedIdleTimeout == 1,
+      "connection 1, unused for 110 ms (idleTimeout 100 ms), is still open",
+      s.droppedIdleTimeout, env.pool->getIdleCount());
+  KJ_EXPECT(env.upstream.seen.size() == 2, env.upstream.seen.size());  // nothing else was sent
+  KJ_EXPECT(env.get("/c") == "0 /c");  // connection 0 is left, and reused
+  env.checkCounted("at the end");
+}
+
+KJ_TEST("readopt: a connection whose idle time ran out while it was handed out is closed, and "
+    "the next waiting request gets a new one") {
+  // The event loop may read the clock while a handed-over connection waits to be taken (it polls
+  // every so many turns); here the timer moves in the hand-over's event. The connection, idle
+  // since its last response, is past idleTimeout when the request it was handed to gives up:
+  // it must not go on to the next waiter.
+  auto settings = limits(1);
+  settings.idleTimeout = 100 * kj::MILLISECONDS;
+  Env env(settings);
+  auto& s = env.pool->getStats();
+  auto a = env.bounded(env.start("/a"));
+  kj::Maybe<kj::Promise<Response>> w1 = env.start("/w1");
+  auto w2 = textOf(env.start("/w2"));
+  env.turns();
+  KJ_ASSERT(env.pool->getWaitingCount() == 2);
+  KJ_EXPECT(readThen(env, a, [&]() {
+    env.timer.advanceTo(env.timer.now() + 150 * kj::MILLISECONDS);
+    w1 = nullptr;
+  }) == "0 /a");
+  KJ_EXPECT(env.bounded(kj::mv(w2)) == "1 /w2");
+  KJ_EXPECT(s.droppedIdleTimeout == 1 && s.connectionsOpened == 2, s.droppedIdleTimeout,
+      s.connectionsOpened);
+  KJ_EXPECT(env.upstream.seen.size() == 2, env.upstream.seen.size());  // /a and /w2 only
+  env.checkCounted("at the end");
+}
+
 }  // namespace
 }  // namespace sockfetch
