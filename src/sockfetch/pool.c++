@@ -672,6 +672,13 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
       connector(kj::mv(connector)), settings(kj::mv(settings)),
       errorHandler(kj::heap<LogErrors>()), tasks(*errorHandler) {
   KJ_REQUIRE(this->settings.maxConnections > 0, "ConnectionPool needs maxConnections >= 1");
+  // A timeout too long to add to the clock's time (kj::maxValue, say, meant as "never") is cut
+  // to a century: never, in practice, and no overflow.
+  constexpr kj::Duration CENTURY = 100 * 365 * kj::DAYS;
+  for (kj::Duration* timeout: {&this->settings.idleTimeout, &this->settings.waitTimeout,
+           &this->settings.connectTimeout}) {
+    *timeout = kj::min(*timeout, CENTURY);
+  }
   if (this->settings.fetcher.timer == nullptr) this->settings.fetcher.timer = timer;
 }
 

@@ -46,15 +46,16 @@ public:
     unsigned maxIdleConnections = 32;
     // Idle connections kept; a connection coming back to a full idle set is closed.
     kj::Duration idleTimeout = 60 * kj::SECONDS;
-    // An idle connection unused this long is closed.
+    // An idle connection unused this long is closed (kj::maxValue: never).
     uint64_t maxRequestsPerConnection = 0;
     // A connection that served this many requests is closed instead of reused (0: no limit).
     unsigned maxWaiting = 1024;
     // Requests that may wait for a connection when all are busy. Past it: OVERLOADED at once.
     kj::Duration waitTimeout = 30 * kj::SECONDS;
-    // A request that waited this long for a connection fails with OVERLOADED.
+    // A request that waited this long for a connection fails with OVERLOADED (kj::maxValue:
+    // never).
     kj::Duration connectTimeout = 10 * kj::SECONDS;
-    // Opening a connection that takes longer fails (DISCONNECTED).
+    // Opening a connection that takes longer fails (DISCONNECTED; kj::maxValue: never).
     bool neverReuse = false;
     // Close every connection after one request: for upstreams not trusted to frame responses
     // correctly. Requests are still never pipelined.
