@@ -24,13 +24,6 @@ using Env = test::PipePoolEnv;
 using test::connectionOf;
 using test::limits;
 
-kj::Promise<kj::HttpClient::WebSocketResponse> takeIdle(Env& env) {
-  // openWebSocket() takes the newest idle connection at once (acquire(false) -> takeIdle()); its
-  // chain runs in the next turn, so dropped before the event loop runs, it sends nothing and the
-  // connection is given back unused (readopt()).
-  kj::HttpHeaders headers(env.table);
-  return env.pool->openWebSocket("/ws", headers);
-}
 
 
 KJ_TEST("idle time: connections given back unused in every order keep the chain ordered; the "
@@ -54,7 +47,7 @@ KJ_TEST("idle time: connections given back unused in every order keep the chain 
       KJ_EXPECT(connectionOf(env.read(kj::mv(responses[i]))) == i);
     }
     kj::Maybe<kj::Promise<kj::HttpClient::WebSocketResponse>> held[4];
-    for (int i = 3; i >= 0; i--) held[i] = takeIdle(env);  // each takes the newest: i
+    for (int i = 3; i >= 0; i--) held[i] = env.takeIdle();  // each takes the newest: i
     KJ_ASSERT(env.pool->getIdleCount() == 0);
     for (auto i: order) held[i] = nullptr;
     env.turns();
@@ -85,13 +78,9 @@ KJ_TEST("idle time: idleTimeout 0 closes a connection given back unused, and one
   env.advance(1 * kj::MILLISECONDS);
   KJ_EXPECT(env.pool->getOpenCount() == 0 && s.droppedIdleTimeout == 1);
   auto a = env.bounded(env.start("/b"));
-  {
-    kj::HttpHeaders headers(env.table);
-    KJ_EXPECT(env.read(kj::mv(a)) == "1 /b");
-    KJ_ASSERT(env.pool->getIdleCount() == 1);  // the sweep is due, not yet run
-    auto ws = env.pool->openWebSocket("/ws", headers);
-    (void)ws;
-  }
+  KJ_EXPECT(env.read(kj::mv(a)) == "1 /b");
+  KJ_ASSERT(env.pool->getIdleCount() == 1);  // the sweep is due, not yet run
+  env.takeIdle();  // and dropped at once
   KJ_EXPECT(env.pool->getOpenCount() == 0 && s.droppedIdleTimeout == 2, s.droppedIdleTimeout);
   env.checkCounted("at the end");
 }
@@ -102,7 +91,7 @@ KJ_TEST("idle time: the pool destroyed while a connection taken from the idle ch
     KJ_CONTEXT(awaited);
     Env env(limits(2));
     KJ_EXPECT(env.get("/a") == "0 /a");
-    kj::Maybe<kj::Promise<kj::HttpClient::WebSocketResponse>> held = takeIdle(env);
+    kj::Maybe<kj::Promise<kj::HttpClient::WebSocketResponse>> held = env.takeIdle();
     env.pool = nullptr;
     if (awaited) {
       auto text = env.bounded(KJ_ASSERT_NONNULL(kj::mv(held)).then(

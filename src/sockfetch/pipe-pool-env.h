@@ -142,6 +142,14 @@ struct PipePoolEnv {
     return request.response.eagerlyEvaluate(nullptr);
   }
 
+  kj::Promise<kj::HttpClient::WebSocketResponse> takeIdle() {
+    // A WebSocket handshake, which takes the newest idle connection at once; its chain runs only
+    // in a later turn, so dropped before the event loop runs, it has sent nothing and the
+    // connection is given back unused.
+    kj::HttpHeaders headers(table);
+    return pool->openWebSocket("/ws", headers);
+  }
+
   void turns(unsigned n = 30) {
     for (unsigned i = 0; i < n; i++) kj::evalLater([]() {}).wait(ws);
   }

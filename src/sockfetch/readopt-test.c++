@@ -52,14 +52,6 @@ kj::String readThen(Env& env, Response& a, kj::Function<void()> inHandOverEvent)
   return kj::heapString(buffer, n);
 }
 
-void dropWebSocketAttempt(Env& env) {
-  // openWebSocket() takes the newest idle connection at once (acquire(false) -> takeIdle());
-  // the caller gives up before the attempt's chain runs.
-  kj::HttpHeaders headers(env.table);
-  auto promise = env.pool->openWebSocket("/ws", headers);
-  (void)promise;
-}
-
 // =================================================================================================
 
 KJ_TEST("readopt: a WebSocket attempt dropped right after it took the idle connection gives it "
@@ -69,7 +61,7 @@ KJ_TEST("readopt: a WebSocket attempt dropped right after it took the idle conne
   KJ_EXPECT(env.get("/a") == "0 /a");
   KJ_ASSERT(env.pool->getIdleCount() == 1);
   for (int i = 0; i < 3; i++) {
-    dropWebSocketAttempt(env);
+    env.takeIdle();  // and dropped at once
     KJ_EXPECT(env.pool->getIdleCount() == 1 && env.pool->getOpenCount() == 1,
         env.pool->getIdleCount(), env.pool->getOpenCount());
   }
@@ -97,7 +89,7 @@ KJ_TEST("readopt: a connection taken from the idle chain by requests that give u
   auto lastUsed = env.timer.now();
   for (int i = 0; i < 10; i++) {
     env.advance(90 * kj::MILLISECONDS);
-    dropWebSocketAttempt(env);
+    env.takeIdle();  // and dropped at once
   }
   env.advance(20 * kj::MILLISECONDS);
   auto unusedMs = (env.timer.now() - lastUsed) / kj::MILLISECONDS;
@@ -205,7 +197,7 @@ KJ_TEST("readopt: maxRequestsPerConnection counts the uses the connection had be
   Env env(settings);
   auto& s = env.pool->getStats();
   KJ_EXPECT(env.get("/a") == "0 /a");
-  dropWebSocketAttempt(env);
+  env.takeIdle();  // and dropped at once
   KJ_EXPECT(env.pool->getIdleCount() == 1);
   KJ_EXPECT(env.get("/b") == "0 /b");
   env.turns();
@@ -325,7 +317,7 @@ KJ_TEST("readopt: the pool destroyed in the hand-over event, before the waiter g
   {
     Env env(limits(1));
     KJ_EXPECT(env.get("/a") == "0 /a");
-    dropWebSocketAttempt(env);
+    env.takeIdle();  // and dropped at once
     auto b = env.bounded(env.start("/b"));  // on the readopted connection
     env.pool = nullptr;
     KJ_EXPECT(env.read(kj::mv(b)) == "0 /b");
@@ -359,8 +351,8 @@ KJ_TEST("readopt: a buffered-body request cancelled as soon as it took the idle 
 
 KJ_TEST("readopt: two requests that each took an idle connection give up in the order they "
     "took them; each connection keeps its own idle time, and the older expires first") {
-  // A WebSocket attempt takes the newest idle connection at once (acquire(false) -> takeIdle());
-  // dropped before the event loop runs, it sends nothing and the connection is readopted. The
+  // env.takeIdle() takes the newest idle connection; dropped before the event loop runs, it
+  // sends nothing and the connection is readopted. The
   // older connection then comes back after a newer one: it must go before it in the idle chain,
   // with its own idle time, not the newer one's.
   auto settings = limits(2);
@@ -375,9 +367,8 @@ KJ_TEST("readopt: two requests that each took an idle connection give up in the 
   KJ_ASSERT(env.pool->getIdleCount() == 2);
   env.advance(10 * kj::MILLISECONDS);  // t0+60
   {
-    kj::HttpHeaders headers(env.table);
-    auto first = env.pool->openWebSocket("/ws0", headers);   // takes connection 0 (the newest)
-    auto second = env.pool->openWebSocket("/ws1", headers);  // takes connection 1
+    auto first = env.takeIdle();   // takes connection 0 (the newest)
+    auto second = env.takeIdle();  // takes connection 1
     KJ_ASSERT(env.pool->getIdleCount() == 0);
     { auto drop = kj::mv(first); }   // connection 0 back, idle since t0+50
     { auto drop = kj::mv(second); }  // connection 1 back, idle since t0, before connection 0
