@@ -143,6 +143,14 @@ Connector addressConnector(kj::NetworkAddress& address) {
 }
 
 Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
+  // The target goes into the request line and the Host header as it is: a space or a control
+  // character (CR LF above all) would let it add headers, or a whole request, to the CONNECT.
+  KJ_REQUIRE(target.size() > 0, "tunnelConnector needs a target, as host:port");
+  for (char c: target) {
+    KJ_REQUIRE(static_cast<unsigned char>(c) > ' ' && c != '\x7f',
+        "tunnelConnector's target must be host:port, without spaces or control characters",
+        target);
+  }
   return [toProxy = kj::mv(toProxy), target = kj::heapString(target)]() mutable {
     return toProxy().then([target = kj::heapString(target)](
         kj::Own<kj::AsyncIoStream>&& stream) mutable {

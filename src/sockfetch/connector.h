@@ -14,7 +14,8 @@ Connector addressConnector(kj::NetworkAddress& address);
 // `address` must outlive the connector.
 
 Connector tunnelConnector(Connector toProxy, kj::StringPtr target);
-// Reaches `target` ("host:port") through an HTTP proxy: connects with `toProxy`, sends
+// Reaches `target` ("host:port"; throws at once if it is empty or has a space or a control
+// character) through an HTTP proxy: connects with `toProxy`, sends
 // `CONNECT target HTTP/1.1`, and on a 2xx answer yields the tunnel (bytes the proxy sent after its
 // answer included). Interim (1xx) answers before it are skipped. A proxy that answers anything
 // else fails with an exception naming its status line; one that closes, fails or answers

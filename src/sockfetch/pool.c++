@@ -481,7 +481,6 @@ public:
           return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
               expected, " bytes; declare the right expectedBodySize"));
         }
-        if (buffered.capacity() == 0) buffered.reserve(expected);  // one allocation, exact size
         buffered.addAll(bytes);
         if (buffered.size() == expected) {
           bodyBufferedFulfiller->fulfill();
@@ -677,6 +676,8 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
   constexpr kj::Duration CENTURY = 100 * 365 * kj::DAYS;
   for (kj::Duration* timeout: {&this->settings.idleTimeout, &this->settings.waitTimeout,
            &this->settings.connectTimeout}) {
+    KJ_REQUIRE(*timeout >= 0 * kj::SECONDS, "ConnectionPool's timeouts cannot be negative; use 0 "
+        "for at once, kj::maxValue for never", *timeout / kj::MILLISECONDS);
     *timeout = kj::min(*timeout, CENTURY);
   }
   if (this->settings.fetcher.timer == nullptr) this->settings.fetcher.timer = timer;

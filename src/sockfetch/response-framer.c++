@@ -15,6 +15,9 @@ namespace sockfetch {
 namespace {
 
 constexpr size_t INITIAL_BUFFER = 4096;
+constexpr size_t KJ_HTTP_MAX_HEADER_BYTES = 120 * 1024;
+// The largest header block a kj-http 0.9.2 client surely reads: its header buffer stops growing
+// at 128 KiB, and it may share that buffer with the first bytes of the body.
 constexpr size_t CACHED_BUFFERS = 16;
 
 kj::Vector<kj::Array<kj::byte>>& bufferCache() {
@@ -166,7 +169,11 @@ kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {
   return status;
 }
 
-ResponseFramer::ResponseFramer(Limits limits): limits(limits) {}
+ResponseFramer::ResponseFramer(Limits limits): limits(limits) {
+  // kj-http 0.9.2 refuses a header block of 128 KiB or more, whatever this limit says, with an
+  // error about request headers: the framer refuses it first, and says why.
+  this->limits.maxHeaderBytes = kj::min(this->limits.maxHeaderBytes, KJ_HTTP_MAX_HEADER_BYTES);
+}
 
 void ResponseFramer::start(kj::HttpMethod requestMethod) {
   KJ_REQUIRE(begin == end, "a new response may only be framed on a clean connection");
@@ -210,7 +217,8 @@ kj::ArrayPtr<kj::byte> ResponseFramer::space() {
   if (end == buffer.size()) compact();
   if (end == buffer.size()) {
     // Full of bytes that cannot be passed on yet: a header block (or a line) still growing.
-    size_t cap = limits.maxHeaderBytes + limits.maxChunkLineBytes;
+    size_t cap = limits.maxHeaderBytes + kj::min(limits.maxChunkLineBytes,
+        SIZE_MAX - limits.maxHeaderBytes);  // no wrap-around
     if (buffer.size() >= cap) {
       kj::throwFatalException(malformed(kj::str("header block larger than ",
           limits.maxHeaderBytes, " bytes")));

@@ -43,6 +43,7 @@ public:
   struct Limits {
     size_t maxHeaderBytes = 64 * 1024;
     // Largest header block (status line + headers) accepted, per response, 1xx ones included.
+    // At most 120 KiB, whatever is set: kj-http 0.9.2 reads no larger one.
     size_t maxChunkLineBytes = 4096;
     // Longest chunk-size line (with extensions) or trailer section line accepted.
     size_t maxTrailerBytes = 64 * 1024;
