@@ -146,7 +146,8 @@ KJ_TEST("edge: a head exactly at maxHeaderBytes is accepted and the connection r
     {
       LimitEnv env(limits);
       auto outcome = env.exchange(kj::str(headOfSize(limit + 1), "ok"));
-      KJ_EXPECT(contains(outcome, kj::str("header block larger than ", limit, " bytes")),
+      KJ_EXPECT(contains(outcome,
+          kj::str("Limits::maxHeaderBytes (", limit, ")")),
           outcome);
       KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
     }
@@ -170,7 +171,8 @@ KJ_TEST("edge: maxHeaderBytes = 0 and 1 refuse every response, saying so") {
     limits.maxHeaderBytes = limit;
     LimitEnv env(limits);
     auto outcome = env.exchange(OK_HELLO);
-    KJ_EXPECT(contains(outcome, kj::str("header block larger than ", limit, " bytes")), outcome);
+    KJ_EXPECT(contains(outcome,
+        kj::str("Limits::maxHeaderBytes (", limit, ")")), outcome);
   }
 }
 
@@ -181,7 +183,8 @@ KJ_TEST("edge: maxHeaderBytes above what kj-http reads is cut to 120 KiB: a larg
   limits.maxHeaderBytes = 1 << 20;
   LimitEnv env(limits);
   auto outcome = env.exchange(kj::str(headOfSize(200 * 1024), "ok"));
-  KJ_EXPECT(contains(outcome, kj::str("header block larger than ", 120 * 1024, " bytes")) &&
+  KJ_EXPECT(contains(outcome,
+          kj::str("Limits::maxHeaderBytes (", 120 * 1024, ")")) &&
       !contains(outcome, "request headers"), outcome);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
 }
@@ -217,7 +220,8 @@ KJ_TEST("edge: interim responses exactly at maxInterimResponses are skipped; one
     {
       LimitEnv env(limits);
       auto outcome = env.exchange(kj::str(interim(limit + 1), OK_HELLO));
-      KJ_EXPECT(contains(outcome, kj::str("more than ", limit, " interim (1xx) responses")),
+      KJ_EXPECT(contains(outcome,
+          kj::str("Limits::maxInterimResponses (", limit, ")")),
           outcome);
       KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
     }
@@ -250,7 +254,7 @@ KJ_TEST("edge: maxTrailerBytes = 0 accepts an empty trailer section and refuses 
     LimitEnv env(limits);
     auto outcome = env.exchange(
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: y\r\n\r\n");
-    KJ_EXPECT(contains(outcome, "trailer section too large"), outcome);
+    KJ_EXPECT(contains(outcome, "Limits::maxTrailerBytes"), outcome);
     KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   }
 }
@@ -261,7 +265,7 @@ KJ_TEST("edge: maxChunkLineBytes = 0 refuses every chunked body, saying so") {
   LimitEnv env(limits);
   auto outcome = env.exchange(
       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n");
-  KJ_EXPECT(contains(outcome, "chunk-size line too long"), outcome);
+  KJ_EXPECT(contains(outcome, "Limits::maxChunkLineBytes"), outcome);
 }
 
 // =================================================================================================
@@ -338,18 +342,13 @@ KJ_TEST("edge: a chunked body whose first chunk is the last (0) is empty and reu
 // =================================================================================================
 // StreamFetcher request inputs at their edges
 
-KJ_TEST("edge: StreamFetcher with an empty url and a 1 MiB url sends them as given") {
+KJ_TEST("edge: StreamFetcher refuses an empty url at once, writing nothing (it would make the "
+    "request line invalid), and sends a 1 MiB url as given") {
   LimitEnv env;
-  {
-    auto req = env.fetcher->request(kj::HttpMethod::GET, "", env.headers());
-    req.body = nullptr;
-    auto head = env.peer->readRequest();
-    KJ_EXPECT(head.startsWith("GET  HTTP/1.1\r\n"), head);
-    auto sent = env.peer->sendLater(OK_HELLO);
-    auto r = env.bounded(kj::mv(req.response));
-    KJ_EXPECT(env.bounded(r.body->readAllText()) == "hello");
-    env.bounded(kj::mv(sent));
-  }
+  KJ_EXPECT_THROW_MESSAGE("the request url is empty",
+      env.fetcher->request(kj::HttpMethod::GET, "", env.headers()));
+  KJ_EXPECT(env.peer->readWouldBlock(), "the refused request was written");
+  KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE, env.why());
   auto url = kj::str("/", kj::repeat('u', 1 << 20));
   auto outcome = env.exchange(OK_HELLO, url);
   KJ_EXPECT(outcome == "200 hello", outcome);
@@ -425,7 +424,7 @@ struct PeerPoolEnv: public test::LoopEnv {
   }
 };
 
-KJ_TEST("edge: RequestCopy at its inline boundary (255, 256, 257 bytes), empty, and 100 KiB "
+KJ_TEST("edge: RequestCopy at its inline boundary (255, 256, 257 bytes), one-byte, and 100 KiB "
     "urls with many, empty and huge headers: a request that waited is sent exactly as given") {
   auto settings = test::limits(1);
   PeerPoolEnv env(settings);
@@ -438,9 +437,9 @@ KJ_TEST("edge: RequestCopy at its inline boundary (255, 256, 257 bytes), empty, 
     kj::Own<kj::HttpHeaders> headers;
   };
   kj::Vector<Case> cases;
-  for (size_t n: {size_t(0), size_t(254), size_t(255), size_t(256), size_t(100 * 1024)}) {
+  for (size_t n: {size_t(1), size_t(254), size_t(255), size_t(256), size_t(100 * 1024)}) {
     // Without headers the copy holds the url and its NUL: 255 fills the inline buffer exactly.
-    auto url = n == 0 ? kj::str("") : kj::str("/", kj::repeat('u', n - 1));
+    auto url = kj::str("/", kj::repeat('u', n - 1));
     cases.add(Case{kj::mv(url), kj::heap<kj::HttpHeaders>(*table)});
   }
   {

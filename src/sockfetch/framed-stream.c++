@@ -208,6 +208,7 @@ void FramedStream::detachView() {
 
 void FramedStream::watchIdle(IdleListener& listener) {
   detachView();
+  if (mode == Mode::EXCHANGE) carriedExchange = true;
   mode = Mode::IDLE;
   gate = nullptr;  // the last exchange is over; an idle connection holds as little as it can
   idleListener = listener;
@@ -255,7 +256,7 @@ void FramedStream::probeDone() {
 kj::Maybe<FramedStream::IdleLoss> FramedStream::probeLoss() {
   KJ_IF_SOME(outcome, probeOutcome) {
     if (outcome.is<ProbeGotByte>()) {
-      return IdleLoss{true, kj::str(POISONED_IDLE)};
+      return unsolicited(kj::arrayPtr(reinterpret_cast<const char*>(&probeByte), 1));
     } else if (outcome.is<ProbeGotEof>()) {
       return IdleLoss{false, kj::str(CLOSED_IDLE)};
     } else if (outcome.is<kj::Exception>()) {
@@ -278,18 +279,25 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::peekSocket() {
   KJ_IF_SOME(fd, raw->getFd()) {
     // Ask the kernel directly, without consuming anything: bytes or EOF it holds may not have
     // been reported by the event loop yet.
-    char c;
+    char seen[40];  // enough to show what came in an error message
     ssize_t n;
     do {
-      n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+      n = recv(fd, seen, sizeof(seen), MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
-    if (n > 0) return IdleLoss{true, kj::str(POISONED_IDLE)};
+    if (n > 0) return unsolicited(kj::arrayPtr(seen, n));
     if (n == 0) return IdleLoss{false, kj::str(CLOSED_IDLE)};
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOTSOCK) {
       return IdleLoss{false, kj::str("the idle connection failed: ", strerror(errno))};
     }
   }
   return nullptr;
+}
+
+FramedStream::IdleLoss FramedStream::unsolicited(kj::ArrayPtr<const char> seen) {
+  if (carriedExchange) return IdleLoss{true, kj::str(POISONED_IDLE)};
+  return IdleLoss{true, kj::str("the server sent data on the connection before any request was "
+      "sent on it (it began with ", quoteBytes(seen), "), which an HTTP/1.1 server never does; "
+      "check that the upstream address is an HTTP server"), true};
 }
 
 void FramedStream::beginExchange(kj::HttpMethod method) {
@@ -355,7 +363,8 @@ void FramedStream::checkGate() {
 }
 
 void FramedStream::failGate(IdleLoss loss) {
-  auto exception = loss.gotBytes
+  auto exception = loss.serverSpokeFirst ? KJ_EXCEPTION(DISCONNECTED, kj::str(loss.reason))
+      : loss.gotBytes
       ? KJ_EXCEPTION(DISCONNECTED, "the server sent data on the idle connection before the "
             "request was written, so the connection was dropped as poisoned; retry on a new "
             "connection")

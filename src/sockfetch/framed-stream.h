@@ -56,6 +56,10 @@ public:
   struct IdleLoss {
     bool gotBytes;  // the server sent something; otherwise it closed (or the connection failed)
     kj::String reason;
+    bool serverSpokeFirst = false;
+    // The bytes came before this stream carried any exchange: the server spoke first, which an
+    // HTTP/1.1 server never does (SSH, SMTP, a TLS server...; or a proxy that sent more than
+    // its answer to CONNECT). `reason` says to check the upstream's address, not to retry.
   };
 
   kj::Maybe<IdleLoss> checkIdleNow();
@@ -136,6 +140,7 @@ private:
   bool shutDown = false;
   kj::Maybe<ExchangeView&> currentView;  // the newest view, while it may touch this stream
   Mode mode = Mode::PASS_THROUGH;
+  bool carriedExchange = false;  // an exchange ended and the stream went idle again
   bool rawEof = false;
 
   // Idle watching.
@@ -168,6 +173,8 @@ private:
   kj::Maybe<IdleLoss> probeLoss();
   // What the idle read found, if it completed.
   kj::Maybe<IdleLoss> peekSocket();
+  IdleLoss unsolicited(kj::ArrayPtr<const char> seen);
+  // The loss for bytes that came while idle, `seen` being (the start of) them.
   kj::Promise<void> passGate();
   kj::Promise<void> settleGate(bool mayWaitForInput);
   void checkGate();

@@ -123,7 +123,13 @@ private:
   }
 };
 
-kj::Exception lostBeforeSent(kj::StringPtr reason) {
+kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst) {
+  // (The pool sends such a request once more itself; this is what it says if that fails too.)
+  if (serverSpokeFirst) {
+    // `reason` says to check the upstream's address: sending again would meet the same.
+    return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
+        "was sent: ", reason));
+  }
   return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
       "was sent (", reason, "); nothing of it was written, so it is safe to send again"));
 }
@@ -159,7 +165,7 @@ kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e) {
   // is what the pool does), unless the refusal was for another reason.
   if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
   KJ_IF_SOME(reason, fetcher.getCloseReason()) {
-    return lostBeforeSent(reason);
+    return lostBeforeSent(reason, fetcher.serverSpokeFirst());
   }
   return kj::mv(e);
 }
@@ -403,16 +409,13 @@ public:
     // Below, a request refused before anything was written took nothing of a streaming body
     // either (it is handed to a connection only once the request is under way), so it may be
     // sent again whatever its body.
-    if (fetcher.getState() != StreamFetcher::State::IDLE) {
-      // Lost between being handed out and now: nothing was sent, so try a new connection.
-      return retryOrThrow(lostBeforeSent(fetcher.getCloseReason().orDefault("unknown")),
-          false, false, true);
-    }
     kj::Maybe<Request> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
       started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
-      // Found lost before anything was written (the server closed or poisoned it while idle).
+      // Found lost before anything was written (the server closed or poisoned it while idle, or
+      // it was lost between being handed out and now), so a new connection may carry it, unless
+      // the refusal was FAILED (the server speaks first: it is not HTTP).
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
     }
     connection->countUse();
@@ -699,6 +702,7 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
 
 kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
+  requireValidRequestTarget(url);  // at once, as StreamFetcher would: nothing waits, or is sent
   ++stats.requests;
   auto bodyMode = bodyModeOf(method, headers, expectedBodySize, settings.maxReplayBodyBytes);
   if (bodyMode == BodyMode::NONE) {
@@ -796,6 +800,7 @@ kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
 
 kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
+  requireValidRequestTarget(url);
   ++stats.requests;
   auto attempt = kj::refcounted<WebSocketAttempt>(*this, url, headers);
   auto promise = attempt->start(false);

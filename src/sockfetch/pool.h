@@ -119,7 +119,8 @@ public:
 
   Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
       kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
-  // Sends the request on a pooled connection. `url` and `headers` are copied. The response
+  // Sends the request on a pooled connection. `url` and `headers` are copied; a `url` that is
+  // empty or has a space or a control character throws at once (FAILED). The response
   // promise fails with OVERLOADED if the pool is saturated (see Settings), DISCONNECTED if no
   // connection could be opened, or with the exchange's error. The request body may be written
   // at once; its writes complete once a connection carries them (or, for a replayable body, once

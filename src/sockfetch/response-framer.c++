@@ -19,6 +19,10 @@ constexpr size_t KJ_HTTP_MAX_HEADER_BYTES = 120 * 1024;
 // The largest header block a kj-http 0.9.2 client surely reads: its header buffer stops growing
 // at 128 KiB, and it may share that buffer with the first bytes of the body.
 constexpr size_t CACHED_BUFFERS = 16;
+constexpr kj::StringPtr HTTP_PREFIX = "HTTP/1."_kj;  // how every status line starts
+constexpr size_t NOT_HTTP_SHOWN = 40;
+// An answer that is not HTTP is refused once its first line, or this much of it, has come; the
+// error shows it.
 
 kj::Vector<kj::Array<kj::byte>>& bufferCache() {
   // Buffers of idle framers, kept for the next exchange on this thread: saves a large allocation
@@ -71,12 +75,21 @@ void forEachToken(kj::ArrayPtr<const char> value, Func&& func) {
   }
 }
 
-kj::Maybe<uint64_t> parseDecimal(kj::ArrayPtr<const char> s) {
-  if (s.size() == 0 || s.size() > 18) return nullptr;
+kj::Exception malformed(kj::StringPtr what);
+
+uint64_t parseContentLength(kj::ArrayPtr<const char> value) {
+  // A Content-Length value: decimal digits, at most 18 of them (below 10^18, so no overflow).
   uint64_t v = 0;
-  for (char c: s) {
-    if (c < '0' || c > '9') return nullptr;
-    v = v * 10 + (c - '0');
+  for (char c: value) {
+    if (c < '0' || c > '9') {
+      kj::throwFatalException(malformed(kj::str("invalid Content-Length ", quoteBytes(value))));
+    }
+    v = v * 10 + (c - '0');  // may wrap past 18 digits: refused below
+  }
+  if (value.size() == 0) kj::throwFatalException(malformed("invalid Content-Length \"\""));
+  if (value.size() > 18) {
+    kj::throwFatalException(malformed(kj::str("Content-Length ", quoteBytes(value),
+        " is too large: at most 18 digits are accepted")));
   }
   return v;
 }
@@ -151,7 +164,64 @@ kj::Exception malformed(kj::StringPtr what) {
           "); the connection was dropped, check the upstream server"));
 }
 
+kj::Exception notHttp(kj::ArrayPtr<const char> firstLine) {
+  return KJ_EXCEPTION(FAILED, kj::str("the server's answer is not HTTP/1.x (it began with ",
+      firstLine.size() > 0 ? quoteBytes(firstLine, NOT_HTTP_SHOWN) : kj::str("an empty line"),
+      "); the "
+      "connection was dropped, check that the upstream address is an HTTP server"));
+}
+
+kj::Exception overLimit(kj::StringPtr what, kj::StringPtr setting, size_t limit) {
+  // A response over one of the caller's limits: not malformed, but not read either.
+  return KJ_EXCEPTION(FAILED, kj::str("the server's response is over a limit: its ", what,
+      " exceeds ResponseFramer::Limits::", setting, " (", limit, "); the connection was dropped, "
+      "raise the limit if the upstream server is trusted",
+      setting == "maxHeaderBytes"_kj && limit == KJ_HTTP_MAX_HEADER_BYTES
+          ? " (this one cannot go higher: kj-http reads no larger header block)" : ""));
+}
+
 }  // namespace
+
+kj::String quoteBytes(kj::ArrayPtr<const char> bytes, size_t max) {
+  kj::Vector<char> out(bytes.size() + 8);
+  out.add('"');
+  for (size_t i = 0; i < bytes.size() && i < max; i++) {
+    unsigned char c = bytes[i];
+    if (c == '"' || c == '\\') {
+      out.add('\\');
+      out.add(c);
+    } else if (c == '\r') {
+      out.addAll("\\r"_kj);
+    } else if (c == '\n') {
+      out.addAll("\\n"_kj);
+    } else if (c < ' ' || c >= 0x7f) {
+      const char* hex = "0123456789abcdef";
+      out.addAll("\\x"_kj);
+      out.add(hex[c >> 4]);
+      out.add(hex[c & 15]);
+    } else {
+      out.add(c);
+    }
+  }
+  out.add('"');
+  if (bytes.size() > max) out.addAll("..."_kj);
+  out.add('\0');
+  return kj::String(out.releaseAsArray());
+}
+
+void requireValidRequestTarget(kj::StringPtr url) {
+  for (unsigned char c: url) {
+    if (c <= ' ' || c == 0x7f) {
+      kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("the request url ", quoteBytes(url),
+          " contains a space or a control character, which would corrupt the request line; "
+          "percent-encode them")));
+    }
+  }
+  if (url.size() == 0) {
+    kj::throwFatalException(KJ_EXCEPTION(FAILED,
+        "the request url is empty; pass a path (\"/\") or an absolute url"));
+  }
+}
 
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {
   if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
@@ -220,8 +290,7 @@ kj::ArrayPtr<kj::byte> ResponseFramer::space() {
     size_t cap = limits.maxHeaderBytes + kj::min(limits.maxChunkLineBytes,
         SIZE_MAX - limits.maxHeaderBytes);  // no wrap-around
     if (buffer.size() >= cap) {
-      kj::throwFatalException(malformed(kj::str("header block larger than ",
-          limits.maxHeaderBytes, " bytes")));
+      kj::throwFatalException(overLimit("header block", "maxHeaderBytes", limits.maxHeaderBytes));
     }
     auto bigger = kj::heapArray<kj::byte>(kj::min(buffer.size() * 2, cap));
     memcpy(bigger.begin(), buffer.begin(), end);
@@ -258,6 +327,13 @@ void ResponseFramer::parseEof() {
     case State::IDLE:
       return;
     case State::HEAD:
+      if (!startsLikeStatusLine()) {
+        auto chars = reinterpret_cast<const char*>(buffer.begin());
+        auto shown = kj::arrayPtr(chars + lineStart,
+            kj::min(end - lineStart, NOT_HTTP_SHOWN + 1));
+        kj::throwFatalException(notHttp(kj::arrayPtr(shown.begin(),
+            findCrOrLf(shown.begin(), shown.end()))));
+      }
       if (end == begin && !headParsed) {
         kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
             "the server closed the connection without sending a response; retry on a new "
@@ -460,7 +536,8 @@ void ResponseFramer::parse() {
         // The line so far, complete or not, is held to the limit.
         size_t lineEnd = nl == nullptr ? end : nl - chars;
         if (lineEnd - lineStart > limits.maxChunkLineBytes) {
-          kj::throwFatalException(malformed("chunk-size line too long"));
+          kj::throwFatalException(overLimit("chunk-size line", "maxChunkLineBytes",
+              limits.maxChunkLineBytes));
         }
         if (nl == nullptr) {
           parsed = end;
@@ -487,9 +564,30 @@ void ResponseFramer::parse() {
   }
 }
 
+bool ResponseFramer::startsLikeStatusLine() const {
+  // Whether what came so far of the head may begin a status line (after the blanks trim() skips).
+  auto chars = reinterpret_cast<const char*>(buffer.begin());
+  size_t i = lineStart;
+  while (i < end && (chars[i] == ' ' || chars[i] == '\t')) i++;
+  return memcmp(chars + i, HTTP_PREFIX.begin(), kj::min(end - i, HTTP_PREFIX.size())) == 0;
+}
+
 bool ResponseFramer::parseHeaderBlock() {
   // Looks for the blank line that ends the header block starting at `lineStart`.
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
+  if (parsed - lineStart <= NOT_HTTP_SHOWN && !startsLikeStatusLine()) {
+    // Not HTTP/1.x: refused once its first line is complete (or long enough to show), rather
+    // than when a head that may never come is (a server speaking another protocol may wait for
+    // us forever). Shown the same way however the bytes arrived.
+    // (One byte more than is shown, for quoteBytes() to mark the cut.)
+    auto shown = kj::arrayPtr(chars + lineStart, kj::min(end - lineStart, NOT_HTTP_SHOWN + 1));
+    auto lineEnd = findCrOrLf(shown.begin(), shown.end());
+    if (lineEnd == shown.end() && shown.size() <= NOT_HTTP_SHOWN) {
+      parsed = end;
+      return false;
+    }
+    kj::throwFatalException(notHttp(kj::arrayPtr(shown.begin(), lineEnd)));
+  }
   size_t scan = parsed > lineStart + 3 ? parsed - 3 : lineStart;
   for (;;) {
     auto nl = reinterpret_cast<const char*>(memchr(chars + scan, '\n', end - scan));
@@ -499,15 +597,14 @@ bool ResponseFramer::parseHeaderBlock() {
     size_t blockEnd = headEndAfterLf(kj::arrayPtr(chars, end), i);
     if (blockEnd != 0) {
       if (blockEnd - lineStart > limits.maxHeaderBytes) {
-        kj::throwFatalException(malformed(kj::str("header block larger than ",
-            limits.maxHeaderBytes, " bytes")));
+        kj::throwFatalException(overLimit("header block", "maxHeaderBytes", limits.maxHeaderBytes));
       }
       parseHead(kj::arrayPtr(chars + lineStart, blockEnd - lineStart));
       if (head.status >= 100 && head.status < 200 && head.status != 101) {
         // Interim response: drop it entirely, as if it was never sent.
         if (++interimResponses > limits.maxInterimResponses) {
-          kj::throwFatalException(malformed(kj::str("more than ", limits.maxInterimResponses,
-              " interim (1xx) responses")));
+          kj::throwFatalException(overLimit("count of interim (1xx) responses",
+              "maxInterimResponses", limits.maxInterimResponses));
         }
         memmove(buffer.begin() + lineStart, buffer.begin() + blockEnd, end - blockEnd);
         end -= blockEnd - lineStart;
@@ -533,8 +630,7 @@ bool ResponseFramer::parseHeaderBlock() {
   }
   parsed = end;
   if (end - lineStart > limits.maxHeaderBytes) {
-    kj::throwFatalException(malformed(kj::str("header block larger than ",
-        limits.maxHeaderBytes, " bytes")));
+    kj::throwFatalException(overLimit("header block", "maxHeaderBytes", limits.maxHeaderBytes));
   }
   return false;
 }
@@ -543,7 +639,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   head = Head();
   kj::Maybe<uint64_t> contentLength;
   bool hasTransferEncoding = false;
-  bool chunked = false;
+  kj::Maybe<kj::String> transferEncodingShown;  // set if it is not `chunked` alone
   unsigned status = 0;
   bool first = true;
   forEachLine(block, [&](kj::ArrayPtr<const char> line) {
@@ -570,23 +666,24 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     if (!interesting) return;
     auto value = trim(line.slice(colon + 1, line.size()));
     if (equalsIgnoreCase(name, "content-length"_kj)) {
-      // A list of identical values is tolerated (RFC 9110 8.6); anything else is an error.
-      forEachToken(value, [&](kj::ArrayPtr<const char> token) {
-        KJ_IF_SOME(n, parseDecimal(token)) {
-          KJ_IF_SOME(prev, contentLength) {
-            if (prev != n) kj::throwFatalException(malformed("conflicting Content-Length"));
-          }
-          contentLength = n;
-        } else {
-          kj::throwFatalException(malformed("invalid Content-Length"));
-        }
-      });
-      if (contentLength == nullptr) kj::throwFatalException(malformed("invalid Content-Length"));
+      // One decimal number. RFC 9110 8.6 lets a recipient accept a list of identical values, or
+      // the field repeated with them, but kj-http joins repeated fields into a list and reads no
+      // list: refused here, where the error can say so.
+      uint64_t n = parseContentLength(value);
+      KJ_IF_SOME(previous, contentLength) {
+        kj::throwFatalException(malformed(previous != n ? "conflicting Content-Length"
+            : "Content-Length sent more than once, which kj-http cannot read"));
+      }
+      contentLength = n;
     } else if (equalsIgnoreCase(name, "transfer-encoding"_kj)) {
+      // kj-http decodes `chunked` alone, and joins repeated fields into a list, which it refuses
+      // (as every other coding): checked below, for responses that have a body.
+      if (hasTransferEncoding) {
+        transferEncodingShown = kj::str("sent more than once");
+      } else if (!equalsIgnoreCase(value, "chunked"_kj)) {
+        transferEncodingShown = quoteBytes(value);  // `value` may not outlive this call
+      }
       hasTransferEncoding = true;
-      forEachToken(value, [&](kj::ArrayPtr<const char> token) {
-        chunked = equalsIgnoreCase(token, "chunked"_kj);  // only the last coding matters
-      });
     } else if (equalsIgnoreCase(name, "connection"_kj)) {
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
         if (equalsIgnoreCase(token, "close"_kj)) head.connectionClose = true;
@@ -599,13 +696,14 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     return;  // no body; parseHeaderBlock() completes the response
   }
   if (hasTransferEncoding) {
-    head.conflictingFraming = contentLength != nullptr;
-    if (chunked) {
-      state = State::CHUNK_LINE;
-    } else {
-      state = State::UNTIL_EOF;
-      remaining = UINT64_MAX;
+    KJ_IF_SOME(shown, transferEncodingShown) {
+      kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("the server sent a response whose "
+          "Transfer-Encoding (", shown, ") kj-http cannot decode: it reads `chunked` alone; the "
+          "connection was dropped, configure the upstream server to send chunked or "
+          "Content-Length bodies")));
     }
+    head.conflictingFraming = contentLength != nullptr;
+    state = State::CHUNK_LINE;
   } else KJ_IF_SOME(n, contentLength) {
     remaining = n;
     state = State::LENGTH;
@@ -683,17 +781,20 @@ bool ResponseFramer::parseTrailerLine() {
     // The blank line that ends the section is not counted: until more arrives, this may be it.
     bool mayBeLast = trim(kj::arrayPtr(chars + lineStart, end - lineStart)).size() == 0;
     if (trailerBytes > limits.maxTrailerBytes && !mayBeLast) {
-      kj::throwFatalException(malformed("trailer section too large"));
+      kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
+          limits.maxTrailerBytes));
     }
     if (end - lineStart > limits.maxChunkLineBytes) {
-      kj::throwFatalException(malformed("trailer line too long"));
+      kj::throwFatalException(overLimit("trailer line", "maxChunkLineBytes",
+          limits.maxChunkLineBytes));
     }
     return false;
   }
   size_t lineEnd = nl - chars;
   trailerBytes += lineEnd + 1 - parsed;
   if (lineEnd - lineStart > limits.maxChunkLineBytes) {
-    kj::throwFatalException(malformed("trailer line too long"));
+    kj::throwFatalException(overLimit("trailer line", "maxChunkLineBytes",
+        limits.maxChunkLineBytes));
   }
   auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
   if (line.size() == 0) {
@@ -704,7 +805,8 @@ bool ResponseFramer::parseTrailerLine() {
     return true;
   }
   if (trailerBytes > limits.maxTrailerBytes) {
-    kj::throwFatalException(malformed("trailer section too large"));
+    kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
+        limits.maxTrailerBytes));
   }
   // Trailers are never passed on: drop the line, so that the buffer holds at most one of them
   // (the trailer section's limit may exceed the buffer's).

@@ -6,6 +6,15 @@
 
 namespace sockfetch {
 
+kj::String quoteBytes(kj::ArrayPtr<const char> bytes, size_t max = 40);
+// `bytes` (at most `max` of them, then "...") in double quotes, with anything outside printable
+// ASCII escaped: for error messages that show what came from the wire, or what a caller passed.
+
+void requireValidRequestTarget(kj::StringPtr url);
+// Throws FAILED unless `url` may go into a request line as it is: not empty, and without spaces or
+// control characters. kj-http 0.9.2 writes a url unchecked, so CR LF in one would add headers, or
+// a whole second request, to the request sent.
+
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine);
 // The status code of an HTTP/1.x status line ("HTTP/1.x SP 3DIGIT [SP reason]", RFC 9112 4,
 // without its line end), or null if the line is not one (or its code is below 100).
@@ -186,6 +195,7 @@ private:
 
   void parse();
   void parseEof();
+  bool startsLikeStatusLine() const;
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);

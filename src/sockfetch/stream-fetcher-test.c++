@@ -678,7 +678,8 @@ BOTH_TRANSPORTS(oversizedHead, "StreamFetcher rejects a response head over its l
   for (auto& c: value) c = 'v';
   auto text = kj::str("HTTP/1.1 200 OK\r\nX-Large: ", value, "\r\n\r\n");
   auto written = env.peer->sendLater(text);
-  KJ_EXPECT_THROW_MESSAGE("header block larger than 65536 bytes", req.response.wait(env.ws));
+  KJ_EXPECT_THROW_MESSAGE("Limits::maxHeaderBytes (65536)",
+      req.response.wait(env.ws));
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   written = nullptr;
 }

@@ -661,9 +661,7 @@ kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod met
         // Lost while idle, and nobody noticed yet: nothing is written.
         lastResponseBytes = false;
         lastRequestBytes = false;
-        auto exception = KJ_EXCEPTION(DISCONNECTED,
-            kj::str("this StreamFetcher's connection was dropped because ", loss.reason,
-                "; open a new connection (a ConnectionPool does this for you)"));
+        auto exception = refusal(loss.serverSpokeFirst, loss.reason);
         closeIdle(loss.gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
             kj::mv(loss.reason));
         kj::throwFatalException(kj::mv(exception));
@@ -689,9 +687,7 @@ kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod met
           "use a ConnectionPool for concurrent requests"));
     }
     KJ_CASE_ONEOF(closed, Closed) {
-      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-          kj::str("this StreamFetcher's connection was dropped because ", closed.reason,
-              "; open a new connection (a ConnectionPool does this for you)")));
+      kj::throwFatalException(refusal(serverSpokeFirst(), closed.reason));
     }
     KJ_CASE_ONEOF(released, Released) {
       kj::throwFatalException(KJ_EXCEPTION(FAILED,
@@ -702,8 +698,19 @@ kj::Own<StreamFetcher::Exchange> StreamFetcher::startExchange(kj::HttpMethod met
   KJ_UNREACHABLE;
 }
 
+kj::Exception StreamFetcher::refusal(bool serverSpokeFirst, kj::StringPtr reason) {
+  if (serverSpokeFirst) {
+    // Most likely not an HTTP server (`reason` says to check the address): no advice to retry.
+    return KJ_EXCEPTION(DISCONNECTED,
+        kj::str("this StreamFetcher's connection was dropped because ", reason));
+  }
+  return KJ_EXCEPTION(DISCONNECTED, kj::str("this StreamFetcher's connection was dropped because ",
+      reason, "; open a new connection (a ConnectionPool does this for you)"));
+}
+
 kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
+  requireValidRequestTarget(url);
   auto exchange = startExchange(method);
 
   // Mirror kj-http's choice of request framing, to know when the request is fully written.
@@ -754,6 +761,7 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
 
 kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
+  requireValidRequestTarget(url);
   auto exchange = startExchange(kj::HttpMethod::GET);
   exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
   Exchange* ex = exchange.get();

@@ -74,10 +74,11 @@ public:
 
   Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
       kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
-  // Sends a request on the owned connection. Throws at once, writing nothing, if a request is in
-  // flight (FAILED, "one request at a time"), if the connection was dropped (DISCONNECTED, with
-  // the reason), or if it was released (FAILED). `url` and `headers` need only remain valid until
-  // this returns.
+  // Sends a request on the owned connection. Throws at once, writing nothing, if `url` is empty
+  // or has a space or a control character (FAILED; see requireValidRequestTarget()), if a request
+  // is in flight (FAILED, "one request at a time"), if the connection was dropped (DISCONNECTED,
+  // with the reason), or if it was released (FAILED). `url` and `headers` need only remain valid
+  // until this returns.
   //
   // The request body, if any, must be written and then dropped; the connection is reused only if
   // the whole body reached it before the response body was read to its end. A body dropped before
@@ -119,6 +120,14 @@ public:
 
   CloseKind getCloseKind() const;
   // The reason as a category, for counting (ConnectionPool's statistics).
+
+  bool serverSpokeFirst() const {
+    return getCloseKind() == CloseKind::UNSOLICITED_BYTES && completedRequests == 0 &&
+        !lastRequestBytes;
+  }
+  // Whether the connection was dropped because the server sent bytes before any request was
+  // written on it, which an HTTP/1.1 server never does: the close reason then says to check the
+  // upstream's address rather than to retry.
 
   bool lastExchangeReceivedResponse() const { return lastResponseBytes; }
   // Whether the last exchange received any byte of a response. A request that failed on a
@@ -183,6 +192,8 @@ private:
   kj::OneOf<Idle, Busy, Closed, Released> state;
 
   kj::Own<Exchange> startExchange(kj::HttpMethod method);
+  static kj::Exception refusal(bool serverSpokeFirst, kj::StringPtr reason);
+  // What request() throws on a connection dropped for `reason`.
   void exchangeSucceeded(kj::Own<FramedStream> stream);
   void exchangeFailed(Exchange& exchange, CloseKind kind, kj::String reason, bool receivedAny,
       bool wroteAny);
