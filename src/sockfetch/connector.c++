@@ -69,7 +69,8 @@ kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
   // A failure of the connection to the proxy before its answer, said as such: in a pool it
   // would otherwise read like the origin failing a request.
   return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection to the proxy "
-      "failed before it answered CONNECT ", target, ": ", e.getDescription()));
+      "failed before it answered CONNECT ", target, " (", e.getDescription(), "); check that the "
+      "proxy is up and reachable"));
 }
 
 kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> state) {
@@ -101,6 +102,16 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
       received.clear();
       received.addAll(rest);
       return readProxyAnswer(kj::mv(state));
+    }
+    if (status == 502 || status == 504) {
+      return KJ_EXCEPTION(DISCONNECTED, kj::str("the proxy could not reach ", state->target,
+          " (\"", statusLine.slice(9), "\"); check that the target is up and reachable from the "
+          "proxy"));
+    }
+    if (status == 503 || status == 429) {
+      // "Try later": OVERLOADED, which kj's HttpServer answers with 503 in turn.
+      return KJ_EXCEPTION(OVERLOADED, kj::str("the proxy is too busy to open a tunnel to ",
+          state->target, " (\"", statusLine.slice(9), "\"); try again later"));
     }
     if (status >= 300) {
       return KJ_EXCEPTION(FAILED, kj::str("the proxy refused to open a tunnel to ",
@@ -139,7 +150,16 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
 }  // namespace
 
 Connector addressConnector(kj::NetworkAddress& address) {
-  return [&address]() { return address.connect(); };
+  return [&address]() {
+    return kj::evalNow([&]() { return address.connect(); })
+        .catch_([&address](kj::Exception&& e) -> kj::Own<kj::AsyncIoStream> {
+      // kj's own message ("connect(): Connection refused") names neither the address nor what
+      // to do. The type stays: DISCONNECTED for a refusal, FAILED for a socket path not there.
+      kj::throwFatalException(kj::Exception(e.getType(), __FILE__, __LINE__,
+          kj::str("connecting to ", address.toString(), " failed (", e.getDescription(),
+              "); check that the upstream is running and listening there")));
+    });
+  };
 }
 
 Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
@@ -150,6 +170,14 @@ Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
     KJ_REQUIRE(static_cast<unsigned char>(c) > ' ' && c != '\x7f',
         "tunnelConnector's target must be host:port, without spaces or control characters",
         target);
+  }
+  // CONNECT takes host:port (RFC 9110 9.3.6); without the port a proxy answers 400.
+  KJ_IF_SOME(colon, target.findLast(':')) {
+    bool port = colon > 0 && colon + 1 < target.size() && target.size() - colon - 1 <= 5;
+    for (char c: target.slice(colon + 1)) port = port && '0' <= c && c <= '9';
+    KJ_REQUIRE(port, "tunnelConnector's target must be host:port, with a port number", target);
+  } else {
+    KJ_FAIL_REQUIRE("tunnelConnector's target must be host:port, with a port number", target);
   }
   return [toProxy = kj::mv(toProxy), target = kj::heapString(target)]() mutable {
     return toProxy().then([target = kj::heapString(target)](

@@ -559,7 +559,7 @@ KJ_TEST("edge: a buffered body longer or shorter than declared fails clearly, no
     req.body->write("ab", 2).wait(env.ws);
     req.body = nullptr;
     auto outcome = test::outcomeOf(env, kj::mv(response));
-    KJ_EXPECT(contains(outcome, "dropped after 2 of its 3 bytes; nothing was sent"), outcome);
+    KJ_EXPECT(contains(outcome, "dropped after 2 of its 3 bytes, so nothing was sent"), outcome);
   }
   KJ_EXPECT(env.upstream.connects == 0);
 }

@@ -458,12 +458,10 @@ KJ_TEST("BUG: a response header with an invalid name fails with kj-http's \"prot
 // =================================================================================================
 // BUG: messages that blame the wrong party, or advise the wrong thing
 
-KJ_TEST("BUG: a POST whose server closes without answering is told to \"retry on a new "
-    "connection\", though the server may have acted on it") {
-  // Now: DISCONNECTED "the server closed the connection without sending a response; retry on a
-  // new connection", whatever the method. The pool never resends a POST that reached the server,
-  // and the framer's other truncation messages say "retry on a new connection if the request is
-  // safe to repeat": this one should too.
+KJ_TEST("a POST whose server closes without answering is told to retry only if the request is "
+    "safe to repeat: the server may have acted on it") {
+  // As the framer's other truncation messages say; the pool never resends a POST that reached
+  // the server.
   FetcherEnv env(false);
   auto req = env.fetcher->request(kj::HttpMethod::POST, "/pay", env.headers(), uint64_t(0));
   req.body = nullptr;
@@ -669,32 +667,24 @@ KJ_TEST("BUG: a chunked body read cancelled while the response's end was still a
   KJ_EXPECT(outcome == "0" || !contains(outcome, "already read to its end"), outcome);
 }
 
-KJ_TEST("BUG: release() on a CLOSED fetcher says to \"wait until the response body in flight has "
-    "been read to its end\"; there is none, and waiting will not help") {
-  // Now: FAILED "release() needs an idle StreamFetcher; wait until the response body in flight has
-  // been read to its end; getState() = closed". Should say why there is nothing to release, e.g.
-  // "release(): this StreamFetcher's connection was dropped because the server sent
-  // `Connection: close`; there is no connection to give back".
+KJ_TEST("release() on a CLOSED fetcher says there is no connection to give back, and why; not to "
+    "\"wait until the response body in flight has been read to its end\", which will not help") {
   FetcherEnv env(false);
   readToEnd(env, env.fetcher->request(kj::HttpMethod::GET, "/", env.headers()),
       "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
   KJ_ASSERT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
   auto e = thrownBy([&]() { env.fetcher->release(); });
-  EXPECT_ERROR(e, FAILED, "Connection: close");
+  EXPECT_ERROR(e, FAILED, "release(): there is no connection to give back, it was dropped "
+      "because the server sent `Connection: close`");
   KJ_EXPECT(!contains(e.getDescription(), "wait until"), e);
 }
 
-KJ_TEST("BUG: release() twice says to \"wait until the response body in flight has been read to "
-    "its end\", rather than that the connection was already released") {
-  // Now: FAILED "release() needs an idle StreamFetcher; wait until the response body in flight has
-  // been read to its end; getState() = released". Should be e.g. "release() was already called:
-  // the connection is the caller's; make a new StreamFetcher over it to send more requests".
+KJ_TEST("release() twice says the connection was already released, not to \"wait until the "
+    "response body in flight has been read to its end\"") {
   FetcherEnv env(false);
   auto stream = env.fetcher->release();
   auto e = thrownBy([&]() { env.fetcher->release(); });
-  KJ_EXPECT(e.getType() == Type::FAILED, e);
-  KJ_EXPECT(contains(e.getDescription(), "already") ||
-      contains(e.getDescription(), "given back"), e);
+  EXPECT_ERROR(e, FAILED, "release() was already called", "make a new StreamFetcher over it");
   KJ_EXPECT(!contains(e.getDescription(), "wait until"), e);
 }
 
@@ -746,15 +736,11 @@ KJ_TEST("a url with CR LF is refused at once, FAILED, nothing written, on a Stre
 }
 
 // =================================================================================================
-// BUG: ConnectionPool and connector messages without the upstream's name or what to do
+// ConnectionPool and connector messages name the upstream (or proxy) and what to do
 
-KJ_TEST("BUG: ConnectionPool: a refused connect fails with kj's bare \"connect(): Connection "
-    "refused\" (or \"No such file or directory\"), naming neither the address nor what to do") {
-  // Now: DISCONNECTED "connect(): Connection refused" for 127.0.0.1:PORT, FAILED "connect(): No
-  // such file or directory" for a unix socket that is not there. The pool knows the address (the
-  // address constructor, addressConnector()). Should name it and say what to do, e.g.
-  // "connecting to 127.0.0.1:PORT failed (Connection refused); check that the upstream is
-  // running and listening there".
+KJ_TEST("ConnectionPool: a refused connect names the address and what to check, not only kj's "
+    "\"connect(): Connection refused\" (or \"No such file or directory\")") {
+  // DISCONNECTED for 127.0.0.1:PORT (kj's type), FAILED for a unix socket that is not there.
   test::LoopEnv env;
   auto& network = env.io.provider->getNetwork();
   auto listener = network.parseAddress("127.0.0.1", 0).wait(env.ws)->listen();
@@ -765,7 +751,8 @@ KJ_TEST("BUG: ConnectionPool: a refused connect fails with kj's bare \"connect()
     ConnectionPool pool(env.timer, env.table, *closed);
     auto req = pool.request(kj::HttpMethod::GET, "/", env.headers());
     auto e = env.failureOf(kj::mv(req.response));
-    EXPECT_ERROR(e, DISCONNECTED, kj::str("127.0.0.1:", port));
+    EXPECT_ERROR(e, DISCONNECTED, kj::str("connecting to 127.0.0.1:", port, " failed ("),
+        "Connection refused", "check that the upstream is running and listening there");
   }
   {
     auto missing = network.parseAddress("unix:/nonexistent-sockfetch-dir/upstream.sock")
@@ -773,15 +760,13 @@ KJ_TEST("BUG: ConnectionPool: a refused connect fails with kj's bare \"connect()
     ConnectionPool pool(env.timer, env.table, *missing);
     auto req = pool.request(kj::HttpMethod::GET, "/", env.headers());
     auto e = env.failureOf(kj::mv(req.response));
-    KJ_EXPECT(contains(e.getDescription(), "/nonexistent-sockfetch-dir/upstream.sock"), e);
+    EXPECT_ERROR(e, FAILED, "/nonexistent-sockfetch-dir/upstream.sock",
+        "check that the upstream is running and listening there");
   }
 }
 
-KJ_TEST("BUG: ConnectionPool: \"connecting to the upstream timed out after 20 ms\" says nothing "
-    "of what to do") {
-  // Now: DISCONNECTED "connecting to the upstream timed out after 20 ms". Should say what to do,
-  // as the saturation error names its settings: e.g. "...; check that the upstream is reachable,
-  // or raise connectTimeout".
+KJ_TEST("ConnectionPool: \"connecting to the upstream timed out after 20 ms\" says what to do: "
+    "check the upstream, or raise connectTimeout") {
   test::LoopEnv env;
   ConnectionPool::Settings settings;
   settings.connectTimeout = 20 * kj::MILLISECONDS;
@@ -793,11 +778,8 @@ KJ_TEST("BUG: ConnectionPool: \"connecting to the upstream timed out after 20 ms
   EXPECT_ERROR(e, DISCONNECTED, "timed out after 20 ms", "connectTimeout");
 }
 
-KJ_TEST("BUG: ConnectionPool destroyed under a waiting request: \"the ConnectionPool was "
-    "destroyed while this request was waiting for a connection\" says nothing of what to do") {
-  // Now: DISCONNECTED "the ConnectionPool was destroyed while this request was waiting for a
-  // connection". Should add what to do, e.g. "; keep the ConnectionPool alive until its requests
-  // have their responses".
+KJ_TEST("ConnectionPool destroyed under a waiting request: \"the ConnectionPool was destroyed while "
+    "this request was waiting for a connection\" says to keep the pool alive") {
   ConnectionPool::Settings settings;
   settings.maxConnections = 1;
   PoolEnv env(settings);
@@ -811,11 +793,8 @@ KJ_TEST("BUG: ConnectionPool destroyed under a waiting request: \"the Connection
   EXPECT_ERROR(e, DISCONNECTED, "destroyed while this request was waiting", "alive");
 }
 
-KJ_TEST("BUG: ConnectionPool destroyed while a buffered body was written: \"the ConnectionPool "
-    "was destroyed before this request could be sent\" says nothing of what to do") {
-  // Now: DISCONNECTED "the ConnectionPool was destroyed before this request could be sent".
-  // Should add what to do, e.g. "; keep the ConnectionPool alive until its requests have their
-  // responses".
+KJ_TEST("ConnectionPool destroyed while a buffered body was written: \"the ConnectionPool was "
+    "destroyed before this request could be sent\" says to keep the pool alive") {
   PoolEnv env;
   auto req = env.pool->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(3));
   env.bounded(req.body->write("ab", 2));
@@ -825,11 +804,8 @@ KJ_TEST("BUG: ConnectionPool destroyed while a buffered body was written: \"the 
   EXPECT_ERROR(e, DISCONNECTED, "destroyed before this request could be sent", "alive");
 }
 
-KJ_TEST("BUG: ConnectionPool: a buffered body dropped short fails \"...; nothing was sent\", "
-    "without saying what to do (the StreamFetcher's equivalent does)") {
-  // Now: FAILED "the request body was dropped after 3 of its 10 bytes; nothing was sent". Should
-  // say what to do, as StreamFetcher does: e.g. "...; write all expectedBodySize bytes before
-  // dropping the body stream".
+KJ_TEST("ConnectionPool: a buffered body dropped short fails saying nothing was sent and what to "
+    "do, as the StreamFetcher's equivalent does") {
   PoolEnv env;
   auto req = env.pool->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
   env.bounded(req.body->write("abc", 3));
@@ -838,12 +814,9 @@ KJ_TEST("BUG: ConnectionPool: a buffered body dropped short fails \"...; nothing
   EXPECT_ERROR(e, FAILED, "dropped after 3 of its 10 bytes", "expectedBodySize");
 }
 
-KJ_TEST("BUG: ConnectionPool: writing a streamed body after dropping the response promise fails "
-    "\"the request was cancelled before a connection carried its body\", not saying how") {
-  // Now: DISCONNECTED "the request was cancelled before a connection carried its body". The
-  // caller never cancelled anything knowingly: it dropped the response promise. Should say so
-  // and what to do, e.g. "the response promise was dropped before a connection carried the
-  // request body; keep the response promise until the body is written".
+KJ_TEST("ConnectionPool: writing a streamed body after dropping the response promise fails "
+    "saying the promise was dropped, and to keep it, not that \"the request was cancelled\"") {
+  // The caller never cancelled anything knowingly: it dropped the response promise.
   ConnectionPool::Settings settings;
   settings.maxConnections = 1;
   PoolEnv env(settings);
@@ -853,49 +826,51 @@ KJ_TEST("BUG: ConnectionPool: writing a streamed body after dropping the respons
   auto write = req.body->write("abc", 3);
   { auto dropped = kj::mv(req.response); }
   auto e = thrownBy([&]() { env.bounded(kj::mv(write)); });
-  EXPECT_ERROR(e, DISCONNECTED, "response promise");
+  EXPECT_ERROR(e, DISCONNECTED, "the response promise was dropped before a connection carried "
+      "the request body; keep the response promise until the body is written");
 }
 
-KJ_TEST("BUG: tunnelConnector accepts a target without a port, and the proxy's refusal is then "
-    "blamed on \"the proxy's access rules and credentials\"") {
-  // Now: tunnelConnector(toProxy, "origin.test") is accepted; CONNECT needs host:port (RFC 9110
-  // 9.3.6), so a proxy answers 400, reported as FAILED "the proxy refused to open a tunnel to
-  // origin.test: \"400 Bad Request\"; check the proxy's access rules and credentials". Should be
-  // refused at once, like an empty target: FAILED "tunnelConnector's target must be host:port".
+KJ_TEST("tunnelConnector refuses a target without a port at once, as it does an empty one; a "
+    "proxy would answer 400, which read like its access rules refusing") {
+  // CONNECT needs host:port (RFC 9110 9.3.6).
   ProxyEnv env;
   auto e = thrownBy([&]() { tunnelConnector(env.toProxy(), "origin.test"); });
-  EXPECT_ERROR(e, FAILED, "host:port");
+  EXPECT_ERROR(e, FAILED, "host:port, with a port number");
+  for (auto bad: {"origin.test:"_kj, ":443"_kj, "origin.test:https"_kj, "[::1]"_kj,
+                  "origin.test:123456"_kj}) {
+    auto refused = thrownBy([&]() { tunnelConnector(env.toProxy(), bad); });
+    EXPECT_ERROR(refused, FAILED, "host:port");
+  }
+  for (auto good: {"origin.test:443"_kj, "[::1]:8443"_kj, "10.0.0.1:1"_kj}) {
+    tunnelConnector(env.toProxy(), good);  // accepted (and not called)
+  }
   KJ_EXPECT(env.calls == 0);
 }
 
-KJ_TEST("BUG: tunnelConnector: a proxy's 502 (it could not reach the target) is blamed on \"the "
+KJ_TEST("tunnelConnector: a proxy's 502 (it could not reach the target) is not blamed on \"the "
     "proxy's access rules and credentials\"") {
-  // Now: FAILED "the proxy refused to open a tunnel to origin.test:443: \"502 Bad Gateway\";
-  // check the proxy's access rules and credentials", for every status >= 300. Only 401/403/407
-  // are about access; 502/504 say the proxy could not reach the target. Should be e.g. "the
-  // proxy could not reach origin.test:443 (\"502 Bad Gateway\"); check that the target is up and
-  // reachable from the proxy".
+  // Only 401/403/407 are about access; 502/504 say the proxy could not reach the target.
   ProxyEnv env;
   auto e = env.refusal("origin.test:443", "HTTP/1.1 502 Bad Gateway\r\n\r\n");
-  KJ_EXPECT(contains(e.getDescription(), "502 Bad Gateway"), e);
+  EXPECT_ERROR(e, DISCONNECTED, "the proxy could not reach origin.test:443 (\"502 Bad Gateway\"); "
+      "check that the target is up and reachable from the proxy");
   KJ_EXPECT(!contains(e.getDescription(), "access rules and credentials"), e);
+  // A refusal is still one.
+  auto refused = env.refusal("origin.test:443", "HTTP/1.1 403 Forbidden\r\n\r\n");
+  EXPECT_ERROR(refused, FAILED, "check the proxy's access rules and credentials");
 }
 
-KJ_TEST("BUG: tunnelConnector: a proxy's 503 (temporarily unavailable) is FAILED, which retry "
-    "logic takes as permanent; it should be OVERLOADED") {
-  // Now: FAILED "the proxy refused to open a tunnel to origin.test:443: \"503 Service
-  // Unavailable\"; check the proxy's access rules and credentials". 503 means "try later":
-  // OVERLOADED (which kj's HttpServer turns back into 503; FAILED becomes a 500).
+KJ_TEST("tunnelConnector: a proxy's 503 (temporarily unavailable) is OVERLOADED, not FAILED, which "
+    "retry logic takes as permanent") {
+  // 503 means "try later": OVERLOADED (which kj's HttpServer turns back into 503; FAILED becomes a
+  // 500).
   ProxyEnv env;
   auto e = env.refusal("origin.test:443", "HTTP/1.1 503 Service Unavailable\r\n\r\n");
   EXPECT_ERROR(e, OVERLOADED, "503 Service Unavailable");
 }
 
-KJ_TEST("BUG: tunnelConnector: a proxy connection that fails before the answer says \"the "
-    "connection to the proxy failed before it answered CONNECT ...\" without what to do") {
-  // Now: DISCONNECTED "the connection to the proxy failed before it answered CONNECT
-  // origin.test:443: abortRead() has been called". Every other proxy error ends with what to
-  // check; this one should too, e.g. "...; check that the proxy is up, and retry".
+KJ_TEST("tunnelConnector: a proxy connection that fails before the answer says so, with kj's "
+    "reason, and what to check, as every other proxy error does") {
   test::LoopEnv env;
   auto connector = tunnelConnector([]() -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
     auto t = test::pipeTransport();
@@ -904,7 +879,7 @@ KJ_TEST("BUG: tunnelConnector: a proxy connection that fails before the answer s
   }, "origin.test:443");
   auto e = env.failureOf(connector());
   EXPECT_ERROR(e, DISCONNECTED, "the connection to the proxy failed before it answered CONNECT "
-      "origin.test:443", "check");
+      "origin.test:443 (", "); check that the proxy is up and reachable");
 }
 
 }  // namespace

@@ -394,7 +394,8 @@ public:
       return p;
     }
     kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-        "the ConnectionPool was destroyed before this request could be sent"));
+        "the ConnectionPool was destroyed before this request could be sent; keep the pool "
+        "alive until its requests have their responses"));
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
@@ -511,8 +512,8 @@ public:
       case BodyMode::BUFFERED:
         if (buffered.size() < expected && bodyBufferedFulfiller.get() != nullptr) {
           bodyBufferedFulfiller->reject(KJ_EXCEPTION(FAILED, kj::str("the request body was "
-              "dropped after ", buffered.size(), " of its ", expected, " bytes; nothing was "
-              "sent")));
+              "dropped after ", buffered.size(), " of its ", expected, " bytes, so nothing was "
+              "sent; write all expectedBodySize bytes before dropping the body stream")));
         }
         break;
       case BodyMode::STREAMING:
@@ -696,7 +697,8 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
   life->pool = nullptr;
   while (!all.empty()) all.back()->detach();
   canceler.cancel(KJ_EXCEPTION(DISCONNECTED,
-      "the ConnectionPool was destroyed while this request was waiting for a connection"));
+      "the ConnectionPool was destroyed while this request was waiting for a connection; keep "
+      "the pool alive until its requests have their responses"));
   while (!idle.empty()) removeIdle(idle.oldest());
 }
 
@@ -739,7 +741,8 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
       kj::throwFatalException(kj::mv(e));
     }).attach(kj::defer([raw]() {
       raw->failPendingWrites(KJ_EXCEPTION(DISCONNECTED,
-          "the request was cancelled before a connection carried its body"));
+          "the response promise was dropped before a connection carried the request body; keep "
+          "the response promise until the body is written"));
     })).eagerlyEvaluate(nullptr);
   }
   return Request{kj::mv(body), response.attach(kj::mv(attempt))};
@@ -873,7 +876,8 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   auto timeout = timer.afterDelay(settings.connectTimeout)
       .then([this]() -> kj::Own<kj::AsyncIoStream> {
     kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, kj::str("connecting to the upstream "
-        "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms")));
+        "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; check that it is "
+        "reachable, or raise Settings::connectTimeout")));
   });
   // A connector that throws instead of returning a failed promise fails this attempt all the same.
   return kj::evalNow([this]() { return connector(); }).exclusiveJoin(kj::mv(timeout))

@@ -337,7 +337,7 @@ void ResponseFramer::parseEof() {
       if (end == begin && !headParsed) {
         kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
             "the server closed the connection without sending a response; retry on a new "
-            "connection"));
+            "connection if the request is safe to repeat"));
       }
       kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the connection closed in the middle "
           "of the response head, so the response is incomplete; retry on a new connection if the "

@@ -783,8 +783,16 @@ kj::Own<kj::AsyncIoStream> StreamFetcher::release() {
     state.init<Released>();
     return kj::mv(stream);
   }
-  KJ_FAIL_REQUIRE("release() needs an idle StreamFetcher; wait until the response body in flight "
-      "has been read to its end", getState());
+  KJ_IF_SOME(closed, state.tryGet<Closed>()) {
+    kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("release(): there is no connection to "
+        "give back, it was dropped because ", closed.reason)));
+  }
+  if (state.is<Released>()) {
+    kj::throwFatalException(KJ_EXCEPTION(FAILED, "release() was already called: the connection "
+        "is the caller's; make a new StreamFetcher over it to send more requests"));
+  }
+  kj::throwFatalException(KJ_EXCEPTION(FAILED, "release() needs an idle StreamFetcher; wait until "
+      "the response body in flight has been read to its end"));
 }
 
 void StreamFetcher::exchangeSucceeded(kj::Own<FramedStream> stream) {

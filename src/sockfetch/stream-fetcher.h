@@ -158,7 +158,8 @@ public:
   kj::Own<kj::AsyncIoStream> release();
   // Gives the connection back while IDLE, with nothing lost: bytes already read from it come
   // first when reading the returned stream. The fetcher is then RELEASED. Throws FAILED if not
-  // IDLE. The returned stream does not depend on the fetcher.
+  // IDLE, saying why (busy, closed and why, or already released). The returned stream does not
+  // depend on the fetcher.
 
 private:
   class Exchange;
