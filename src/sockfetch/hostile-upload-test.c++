@@ -498,10 +498,10 @@ KJ_TEST("hostile upload: a 417 to Expect: 100-continue keeps the body off the wi
   KJ_EXPECT(env.bounded(r.body->readAllText()) == "");
   KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.fetcher->getCloseKind(),
       env.reason());
+  // The caller may still write the body (a proxy pumping its client's upload does): it is taken
+  // and discarded, never sent.
   KJ_IF_SOME(e, writeOutcome(env, [&]() { return writeAll(*req.body, lookalike.asBytes()); })) {
-    KJ_EXPECT(contains(e.getDescription(), "connection was closed"), e);
-  } else {
-    KJ_FAIL_EXPECT("the body was written after the server refused it");
+    KJ_FAIL_EXPECT("a write after the answer failed, rather than being discarded", e);
   }
   req.body = nullptr;
   KJ_EXPECT(env.wire->drainToClose().orDefault(1000) == 0,

@@ -194,6 +194,7 @@ public:
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
   bool requestBodyDropped = false;
+  bool discardRequestBody = false;  // see succeed()
   bool responded = false;
   bool responseOver = false;  // see endResponse()
   bool upgraded = false;      // the stream belongs to another protocol now: never closed here
@@ -229,6 +230,7 @@ public:
   }
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
+    if (exchange->discardRequestBody) return kj::READY_NOW;
     KJ_IF_SOME(e, refusal()) {
       return kj::mv(e);
     }
@@ -237,6 +239,7 @@ public:
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    if (exchange->discardRequestBody) return kj::READY_NOW;
     KJ_IF_SOME(e, refusal()) {
       return kj::mv(e);
     }
@@ -264,6 +267,9 @@ private:
       exchange->requestBodyWritten += size;
     }, [this](kj::Exception&& e) {
       --writesPending;
+      // A write the connection's closing cut short after the server answered was discarded
+      // anyway (see Exchange::succeed()).
+      if (exchange->discardRequestBody) return;
       if (writeFailure == nullptr) writeFailure = kj::str(e.getDescription());
       kj::throwFatalException(kj::mv(e));
     });
@@ -544,6 +550,12 @@ void StreamFetcher::Exchange::succeed() {
     return failNotReusable(why);
   }
   KJ_IF_SOME(why, whyRequestIncomplete()) {
+    // The server answered before the whole request reached it. The connection is not reused
+    // (the server may still wait for the rest, or take it for a request), and from now on the
+    // rest of the request body is taken and dropped, as the server itself must do (RFC 9112 9.3):
+    // a caller that goes on writing it (kj::newHttpService() pumping a client's upload to the
+    // answered request) then ends its exchange normally, instead of failing its client's.
+    discardRequestBody = true;
     return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(why));
   }
   framer.finish();

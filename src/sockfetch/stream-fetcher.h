@@ -87,7 +87,9 @@ public:
   // failed, or the exchange did, every later write fails with the reason. A server may answer
   // before reading the body (without `Connection: close` it then reads and discards the rest);
   // if the caller reads that response to its end before writing the whole body, the connection
-  // is closed.
+  // is closed, and the rest of the body is taken and discarded, never sent (the server may take
+  // it for a request): writes to it succeed, so that a caller pumping it on (kj::newHttpService()
+  // does, for its client's upload) ends its exchange normally.
 
   kj::Promise<WebSocketResponse> openWebSocket(
       kj::StringPtr url, const kj::HttpHeaders& headers) override;
