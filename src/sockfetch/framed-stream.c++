@@ -113,6 +113,15 @@ kj::Promise<size_t> tryReadSafely(kj::AsyncIoStream& stream, void* buffer, size_
   return kj::evalNow([&]() { return stream.tryRead(buffer, minBytes, maxBytes); });
 }
 
+kj::Exception readFailure(kj::Exception&& e) {
+  // A read of the connection failed while a response was read (a reset, a TLS error): said as
+  // such, since kj's own words ("::read(fd, buffer, maxBytes): Connection reset by peer") do not
+  // say what it meant.
+  return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection failed while "
+      "the response was read (", e.getDescription(), "), so the response is incomplete; retry on "
+      "a new connection if the request is safe to repeat"));
+}
+
 kj::Promise<void> turns(unsigned n) {
   // Lets `n` turns of the event loop pass.
   if (n == 0) return kj::READY_NOW;
@@ -451,14 +460,14 @@ kj::Promise<size_t> FramedStream::readLoop(
         framer.receivedDirect(n);
       }
       return readLoop(buffer, minBytes, maxBytes, done + n);
-    });
+    }, [](kj::Exception&& e) -> kj::Promise<size_t> { return readFailure(kj::mv(e)); });
   }
   if (probeOutcome == nullptr) {
     // The usual case: read more of the response into the framer and look again, in one step.
     return readRaw().then([this, buffer, minBytes, maxBytes, done](size_t n) {
       receivedRaw(n);
       return readLoop(buffer, minBytes, maxBytes, done);
-    });
+    }, [](kj::Exception&& e) -> kj::Promise<size_t> { return readFailure(kj::mv(e)); });
   }
   return fill().then([this, buffer, minBytes, maxBytes, done]() {
     return readLoop(buffer, minBytes, maxBytes, done);
@@ -497,7 +506,9 @@ kj::Promise<void> FramedStream::fill() {
 }
 
 kj::Promise<void> FramedStream::fillFromRaw() {
-  return readRaw().then([this](size_t n) { receivedRaw(n); });
+  return readRaw().then([this](size_t n) { receivedRaw(n); }, [](kj::Exception&& e) {
+    kj::throwFatalException(readFailure(kj::mv(e)));
+  });
 }
 
 kj::Promise<size_t> FramedStream::readRaw() {

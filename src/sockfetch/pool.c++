@@ -478,7 +478,8 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::byte> bytes) {
     switch (bodyMode) {
       case BodyMode::NONE:
-        KJ_FAIL_ASSERT("a request without a body is given a NoBody stream, not a PendingBody");
+        KJ_FAIL_ASSERT("a request without a body is given bodilessRequestBody(), not a "
+            "PendingBody");
       case BodyMode::BUFFERED:
         if (bytes.size() == 0) return kj::READY_NOW;
         if (buffered.size() + bytes.size() > expected) {
@@ -616,29 +617,6 @@ private:
   }
 };
 
-namespace {
-
-class NoBody final: public kj::AsyncOutputStream {
-  // The body stream of a request without one (a GET or HEAD without expectedBodySize).
-public:
-  kj::Promise<void> write(const void*, size_t size) override {
-    if (size == 0) return kj::READY_NOW;
-    return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
-        "expectedBodySize); pass expectedBodySize to send one");
-  }
-  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
-    for (auto& piece: pieces) {
-      if (piece.size() > 0) return write(piece.begin(), piece.size());
-    }
-    return kj::READY_NOW;
-  }
-  kj::Promise<void> whenWriteDisconnected() override {
-    return kj::NEVER_DONE;
-  }
-};
-
-}  // namespace
-
 class ConnectionPool::PendingBody final: public kj::AsyncOutputStream {
   // The request body handed to the caller before a connection is chosen.
 public:
@@ -717,7 +695,7 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   Attempt* raw = attempt.get();
   kj::Own<kj::AsyncOutputStream> body;
   if (raw->bodyMode == BodyMode::NONE) {
-    body = noBody();
+    body = StreamFetcher::bodilessRequestBody();
   } else {
     body = kj::heap<PendingBody>(kj::addRef(*attempt));
   }
@@ -761,7 +739,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
     auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
-    return Request{noBody(), response.attach(kj::mv(attempt))};
+    return Request{StreamFetcher::bodilessRequestBody(), response.attach(kj::mv(attempt))};
   }
   connection->countUse();
   auto request = kj::mv(KJ_ASSERT_NONNULL(started));
@@ -781,13 +759,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry
   });
-  return Request{noBody(), kj::mv(response)};
-}
-
-kj::Own<kj::AsyncOutputStream> ConnectionPool::noBody() {
-  // The body stream of a request without one: stateless, so one serves every request.
-  static NoBody noBody;
-  return kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
+  return Request{StreamFetcher::bodilessRequestBody(), kj::mv(response)};
 }
 
 kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {

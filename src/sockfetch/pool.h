@@ -189,7 +189,6 @@ private:
       kj::Own<Connection> connection);
   // The usual request: no body, and an idle connection ready. Sent at once with the caller's
   // headers; an Attempt (see pool.c++) is made only to send it again.
-  static kj::Own<kj::AsyncOutputStream> noBody();
   kj::Promise<kj::Own<Connection>> acquire(bool fresh);
   kj::Maybe<kj::Own<Connection>> takeIdle();
   kj::Promise<kj::Own<Connection>> connect();

@@ -13,8 +13,7 @@
 // wait is bounded by LoopEnv::limit).
 //
 // Where an outcome is kj-http's own (kj::HttpServer's or newHttpService()'s, 0.9.2), the test says
-// so: those are pinned as they are, not counted as sockfetch's. Tests named "BUG:" fail now and
-// pass once the library is fixed; each says what it expects.
+// so: those are pinned as they are, not counted as sockfetch's.
 
 #include "pool.h"
 

@@ -254,6 +254,7 @@ void ResponseFramer::start(kj::HttpMethod requestMethod) {
   method = requestMethod;
   head = Head();
   headParsed = false;
+  headEnd = 0;
   receivedAny = false;
   state = State::HEAD;
 }
@@ -265,6 +266,7 @@ void ResponseFramer::compact() {
       state == State::CHUNK_CRLF;
   size_t shift = inLine ? kj::min(begin, lineStart) : begin;
   if (shift == 0) return;
+  headEnd = 0;  // the head, if parsed, is no longer where it was
   memmove(buffer.begin(), buffer.begin() + shift, end - shift);
   begin -= shift;
   limit -= shift;
@@ -275,6 +277,7 @@ void ResponseFramer::compact() {
 }
 
 kj::ArrayPtr<kj::byte> ResponseFramer::space() {
+  if (end < headEnd) headEnd = 0;  // what is read next may land on the head (see take())
   if (buffer.size() == 0) {
     auto& cache = bufferCache();
     if (cache.empty()) {
@@ -471,7 +474,7 @@ void ResponseFramer::freeBuffer() {
       cache.add(kj::mv(buffer));
     }
     buffer = nullptr;
-    begin = limit = parsed = end = messageEnd = lineStart = 0;
+    begin = limit = parsed = end = messageEnd = lineStart = headEnd = 0;
   }
 }
 
@@ -599,6 +602,7 @@ bool ResponseFramer::parseHeaderBlock() {
       if (blockEnd - lineStart > limits.maxHeaderBytes) {
         kj::throwFatalException(overLimit("header block", "maxHeaderBytes", limits.maxHeaderBytes));
       }
+      size_t blockStart = lineStart;  // parseHead() moves lineStart on, to the body
       parseHead(kj::arrayPtr(chars + lineStart, blockEnd - lineStart));
       if (head.status >= 100 && head.status < 200 && head.status != 101) {
         // Interim response: drop it entirely, as if it was never sent.
@@ -613,6 +617,8 @@ bool ResponseFramer::parseHeaderBlock() {
         return true;
       }
       headParsed = true;
+      headStart = blockStart;
+      headEnd = blockEnd;
       parsed = limit = blockEnd;
       if (head.status == 101) {
         // Everything after the head belongs to the new protocol.
@@ -728,6 +734,39 @@ void ResponseFramer::parseStatusLine(kj::ArrayPtr<const char> statusLine) {
   } else {
     kj::throwFatalException(malformed("invalid status line"));
   }
+}
+
+kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
+  // (take() may have moved the offsets back to the buffer's start once everything was taken; the
+  // head's bytes stay where they are until space() hands that place out again.)
+  if (!headParsed || headEnd == 0 || headEnd > buffer.size()) return nullptr;
+  auto chars = reinterpret_cast<const char*>(buffer.begin());
+  kj::Maybe<kj::String> found;
+  bool first = true;
+  forEachLine(kj::arrayPtr(chars + headStart, headEnd - headStart),
+      [&](kj::ArrayPtr<const char> line) {
+    if (first || found != nullptr || line.size() == 0) {
+      first = false;
+      return;
+    }
+    auto colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
+    if (colon == nullptr) return;  // the framer refuses those itself
+    size_t nameEnd = colon - line.begin();
+    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
+    for (char c: line.slice(0, nameEnd)) {
+      // tchar (RFC 9110 5.6.2): what kj-http takes for a field name.
+      bool token = ('a' <= (c | 0x20) && (c | 0x20) <= 'z') || ('0' <= c && c <= '9') ||
+          (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr);
+      if (!token) {
+        found = kj::str("invalid field name in ", quoteBytes(line));
+        return;
+      }
+    }
+    if (memchr(line.begin(), '\0', line.size()) != nullptr) {
+      found = kj::str("a NUL byte in the field ", quoteBytes(line));
+    }
+  });
+  return kj::mv(found);
 }
 
 kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {

@@ -116,6 +116,12 @@ public:
   bool hasHead() const { return headParsed; }
   // Whether the final response's header block has been parsed.
 
+  kj::Maybe<kj::String> findFieldKjRefuses() const;
+  // For a parsed head still in the buffer (it is, until the consumer reads past it): the first
+  // field line kj-http 0.9.2 refuses though the framer does not need to (a name with a character
+  // that is not a token character, a NUL in a value), described for an error message; null if
+  // there is none, or the head is gone. Only for explaining a failure: it scans the whole head.
+
   bool endsWithBody() const;
   // For a response whose head was parsed: nothing can follow the last byte of its body (no
   // chunked terminator or trailers), so a reader that saw the body end saw the response end.
@@ -183,6 +189,8 @@ private:
   size_t end = 0;     // end of the bytes received
   size_t messageEnd = 0;  // when COMPLETE: end of the response in the buffer
   size_t lineStart = 0;   // start of the header block / chunk line / trailer line being read
+  size_t headStart = 0;   // the final head, once parsed: [headStart, headEnd) in the buffer, until
+  size_t headEnd = 0;     // bytes are moved or received over it (then headEnd is 0)
   size_t trailerBytes = 0;
   size_t interimResponses = 0;
   uint64_t remaining = 0;

@@ -293,7 +293,8 @@ BOTH_TRANSPORTS(bodylessBodyOutlives,
   written.wait(env.ws);
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::IDLE);
   env.fetcher = nullptr;
-  KJ_EXPECT_THROW_MESSAGE("no entity-body", request.body->write("x", 1).wait(env.ws));
+  KJ_EXPECT_THROW_MESSAGE("this request was made without a body",
+      request.body->write("x", 1).wait(env.ws));
   request.body = nullptr;
 }
 

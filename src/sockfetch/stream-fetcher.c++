@@ -23,6 +23,25 @@ public:
   }
 };
 
+class NoBody final: public kj::AsyncOutputStream {
+  // The body stream of a request without one (a GET or HEAD without expectedBodySize).
+public:
+  kj::Promise<void> write(const void*, size_t size) override {
+    if (size == 0) return kj::READY_NOW;
+    return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
+        "expectedBodySize); pass expectedBodySize to send one");
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    for (auto& piece: pieces) {
+      if (piece.size() > 0) return write(piece.begin(), piece.size());
+    }
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> whenWriteDisconnected() override {
+    return kj::NEVER_DONE;
+  }
+};
+
 }  // namespace
 
 // =================================================================================================
@@ -158,6 +177,18 @@ public:
 
   kj::Maybe<kj::String> whyRequestIncomplete();
 
+  kj::Exception explain(kj::Exception&& e) {
+    // kj-http refuses some heads the framer passes (it does not need to look at every field):
+    // its error names neither the field nor the server. Said in the framer's words when a field
+    // kj-http refuses is found; otherwise `e` as it is.
+    if (stream.get() == nullptr) return kj::mv(e);
+    KJ_IF_SOME(field, stream->getFramer().findFieldKjRefuses()) {
+      return KJ_EXCEPTION(FAILED, kj::str("the server sent a malformed HTTP response (", field,
+          "); the connection was dropped, check the upstream server"));
+    }
+    return kj::mv(e);
+  }
+
   kj::Maybe<kj::Exception> writeRefusal() {
     // Why the connection takes no more writes (the exchange failed), if so.
     if (stream.get() == nullptr) return nullptr;
@@ -216,9 +247,16 @@ public:
         if (!exchange->responded) {
           // The server still waits for the rest, so no response is coming: fail it now.
           KJ_IF_SOME(abort, exchange->abortResponse) {
-            abort->reject(KJ_EXCEPTION(FAILED, kj::str(reason, ", so the request was never sent "
-                "in full; finish every write of the body (for a fixed-length body, all "
-                "expectedBodySize bytes) before dropping the body stream")));
+            KJ_IF_SOME(failure, writeFailure) {
+              // The caller did write: the connection failed the write.
+              abort->reject(KJ_EXCEPTION(DISCONNECTED, kj::str("a write of the request body "
+                  "failed (", failure, "), so the request was never sent in full; send it again "
+                  "on a new connection if it is safe to repeat")));
+            } else {
+              abort->reject(KJ_EXCEPTION(FAILED, kj::str(reason, ", so the request was never "
+                  "sent in full; finish every write of the body (for a fixed-length body, all "
+                  "expectedBodySize bytes) before dropping the body stream")));
+            }
           }
         }
         exchange->fail(CloseKind::ABANDONED, kj::mv(reason));
@@ -231,7 +269,7 @@ public:
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
     if (exchange->discardRequestBody) return kj::READY_NOW;
-    KJ_IF_SOME(e, refusal()) {
+    KJ_IF_SOME(e, refusal(size)) {
       return kj::mv(e);
     }
     ++writesPending;
@@ -240,11 +278,11 @@ public:
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
     if (exchange->discardRequestBody) return kj::READY_NOW;
-    KJ_IF_SOME(e, refusal()) {
-      return kj::mv(e);
-    }
     size_t size = 0;
     for (auto& piece: pieces) size += piece.size();
+    KJ_IF_SOME(e, refusal(size)) {
+      return kj::mv(e);
+    }
     ++writesPending;
     return track(kj::evalNow([&]() { return inner->write(pieces); }), size);
   }
@@ -259,9 +297,11 @@ private:
   // Once the exchange is over, kj's body writes through a view that refuses them: with the reason
   // if the exchange failed (FramedStream::refuseWrites()), else "this exchange is over".
   unsigned writesPending = 0;  // writes not finished: in progress, or cancelled
+  uint64_t bytesTaken = 0;     // by writes started, finished or not
   kj::Maybe<kj::String> writeFailure;  // why a write failed
 
   kj::Promise<void> track(kj::Promise<void> write, size_t size) {
+    bytesTaken += size;
     return write.then([this, size]() {
       --writesPending;
       exchange->requestBodyWritten += size;
@@ -275,9 +315,15 @@ private:
     });
   }
 
-  kj::Maybe<kj::Exception> refusal() {
-    // Why no more of the body may be written, if so. kj-http refuses every write after one that
-    // failed, with an error about its own state: say what happened instead.
+  kj::Maybe<kj::Exception> refusal(size_t size) {
+    // Why these `size` bytes may not be written, if so. kj-http refuses every write after one
+    // that failed, or past a fixed length, with an error about its own state: say what happened
+    // instead.
+    if (exchange->requestBodyKind == Exchange::RequestBodyKind::FIXED &&
+        size > exchange->requestBodyExpected - kj::min(bytesTaken, exchange->requestBodyExpected)) {
+      return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
+          exchange->requestBodyExpected, " bytes; declare the right expectedBodySize"));
+    }
     KJ_IF_SOME(failed, exchange->writeRefusal()) {
       return kj::mv(failed);
     }
@@ -344,7 +390,16 @@ kj::Promise<size_t> StreamFetcher::ResponseBody::tryRead(
   // A read of nothing reads nothing (kj-http 0.9.2's body readers take it for the connection
   // ending early, which would fail a sound exchange).
   if (maxBytes == 0) return size_t(0);
-  KJ_REQUIRE(inner.get() != nullptr, "the response body was already read to its end");
+  if (inner.get() == nullptr) {
+    // kj's body ended (the caller has all of it), but the read that waited for the rest of the
+    // response (chunked trailers, the final CRLF) was cancelled, and bytes it had read may be
+    // lost with it: where the response ends is no longer known, so the connection goes.
+    atEnd = true;
+    exchange.endResponse();
+    exchange.fail(CloseKind::ABANDONED, kj::str("a read waiting for the end of the response was "
+        "cancelled"));
+    return size_t(0);
+  }
   setBodyBuffer(kj::arrayPtr(reinterpret_cast<kj::byte*>(buffer), maxBytes));
   auto read = inner->tryRead(buffer, minBytes, maxBytes);
   if (exchange.done || exchange.stream->getFramer().endsWithBody()) {
@@ -743,9 +798,9 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   auto inner = exchange->client->request(method, url, headers, expectedBodySize);
   kj::Own<kj::AsyncOutputStream> body;
   if (exchange->requestBodyKind == Exchange::RequestBodyKind::NONE) {
-    // kj-http's stream for a request without a body stands alone (it only refuses writes): no
-    // bookkeeping to do, and it may outlive the exchange.
-    body = kj::mv(inner.body);
+    // kj-http's stream for a request without a body only refuses writes, in kj's words.
+    inner.body = nullptr;
+    body = bodilessRequestBody();
   } else {
     body = kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
   }
@@ -765,8 +820,9 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
           "a request was cancelled before its response arrived")](kj::Exception&& e) mutable
       -> Response {
     awaiting->endResponse();
-    awaiting->failRequest("the previous request failed: ", e);
-    kj::throwFatalException(kj::mv(e));
+    auto explained = awaiting->explain(kj::mv(e));
+    awaiting->failRequest("the previous request failed: ", explained);
+    kj::throwFatalException(kj::mv(explained));
   });
   return Request{kj::mv(body), kj::mv(response)};
 }
@@ -783,9 +839,15 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
           "a WebSocket handshake was cancelled before its response arrived")](
           kj::Exception&& e) mutable -> WebSocketResponse {
     awaiting->endResponse();
-    awaiting->failRequest("the previous WebSocket handshake failed: ", e);
-    kj::throwFatalException(kj::mv(e));
+    auto explained = awaiting->explain(kj::mv(e));
+    awaiting->failRequest("the previous WebSocket handshake failed: ", explained);
+    kj::throwFatalException(kj::mv(explained));
   });
+}
+
+kj::Own<kj::AsyncOutputStream> StreamFetcher::bodilessRequestBody() {
+  static NoBody noBody;  // stateless: one serves every request, on any thread
+  return kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
 }
 
 kj::Own<kj::AsyncIoStream> StreamFetcher::release() {

@@ -157,6 +157,11 @@ public:
   // Exchanges that finished cleanly and gave the connection back (the number of times it was
   // reused, plus one, once it has served a request).
 
+  static kj::Own<kj::AsyncOutputStream> bodilessRequestBody();
+  // The body stream of a request made without one (a GET or HEAD without expectedBodySize):
+  // writing anything to it fails (FAILED), saying to pass expectedBodySize. Stateless and shared;
+  // ConnectionPool hands it out too.
+
   kj::Own<kj::AsyncIoStream> release();
   // Gives the connection back while IDLE, with nothing lost: bytes already read from it come
   // first when reading the returned stream. The fetcher is then RELEASED. Throws FAILED if not
