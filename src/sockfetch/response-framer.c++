@@ -572,7 +572,8 @@ bool ResponseFramer::startsLikeStatusLine() const {
   auto chars = reinterpret_cast<const char*>(buffer.begin());
   size_t i = lineStart;
   while (i < end && (chars[i] == ' ' || chars[i] == '\t')) i++;
-  return memcmp(chars + i, HTTP_PREFIX.begin(), kj::min(end - i, HTTP_PREFIX.size())) == 0;
+  size_t n = kj::min(end - i, HTTP_PREFIX.size());
+  return n == 0 || memcmp(chars + i, HTTP_PREFIX.begin(), n) == 0;  // (no buffer when empty)
 }
 
 bool ResponseFramer::parseHeaderBlock() {
