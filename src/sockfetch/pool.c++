@@ -847,7 +847,7 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   auto* s = slot.get();
   auto timeout = timer.afterDelay(settings.connectTimeout)
       .then([this]() -> kj::Own<kj::AsyncIoStream> {
-    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, kj::str("connecting to the upstream "
+    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("connecting to the upstream "
         "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; check that it is "
         "reachable, or raise Settings::connectTimeout")));
   });

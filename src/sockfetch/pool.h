@@ -55,7 +55,8 @@ public:
     // A request that waited this long for a connection fails with OVERLOADED (kj::maxValue:
     // never).
     kj::Duration connectTimeout = 10 * kj::SECONDS;
-    // Opening a connection that takes longer fails (DISCONNECTED; kj::maxValue: never).
+    // Opening a connection that takes longer fails (OVERLOADED, as kj's own timeouts do: try
+    // later; kj::maxValue: never).
     bool neverReuse = false;
     // Close every connection after one request: for upstreams not trusted to frame responses
     // correctly. Requests are still never pipelined.
@@ -121,8 +122,9 @@ public:
       kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
   // Sends the request on a pooled connection. `url` and `headers` are copied; a `url` that is
   // empty or has a space or a control character throws at once (FAILED). The response
-  // promise fails with OVERLOADED if the pool is saturated (see Settings), DISCONNECTED if no
-  // connection could be opened, or with the exchange's error. The request body may be written
+  // promise fails with OVERLOADED if the pool is saturated or opening a connection timed out
+  // (see Settings), with the connector's error (naming the address) if none could be opened,
+  // or with the exchange's error. The request body may be written
   // at once; its writes complete once a connection carries them (or, for a replayable body, once
   // buffered).
 
