@@ -644,19 +644,7 @@ KJ_TEST("edge: a negative timeout is refused when the pool is made, saying what 
 // =================================================================================================
 // tunnelConnector
 
-struct TunnelEnv: public test::LoopEnv {
-  kj::Vector<kj::Own<test::Peer>> proxies;
-  unsigned calls = 0;
-
-  Connector toProxy() {
-    return [this]() {
-      ++calls;
-      auto t = test::pipeTransport();
-      proxies.add(kj::heap<test::Peer>(ws, kj::mv(t.server)));
-      return kj::Promise<kj::Own<kj::AsyncIoStream>>(kj::mv(t.client));
-    };
-  }
-};
+using TunnelEnv = test::PipeProxyEnv;
 
 KJ_TEST("edge: tunnelConnector refuses at once a target with CR LF, a space or another control "
     "character, which would add headers or a request to the CONNECT") {

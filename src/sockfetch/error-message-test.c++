@@ -122,19 +122,8 @@ struct PoolEnv: public test::LoopEnv {
   };
 };
 
-struct ProxyEnv: public test::LoopEnv {
+struct ProxyEnv: public test::PipeProxyEnv {
   // tunnelConnector() through proxies on pipes: each connection's proxy end is a Peer.
-  kj::Vector<kj::Own<test::Peer>> proxies;
-  unsigned calls = 0;
-
-  Connector toProxy() {
-    return [this]() {
-      ++calls;
-      auto t = test::pipeTransport();
-      proxies.add(kj::heap<test::Peer>(ws, kj::mv(t.server)));
-      return kj::Promise<kj::Own<kj::AsyncIoStream>>(kj::mv(t.client));
-    };
-  }
 
   kj::Exception refusal(kj::StringPtr target, kj::StringPtr answer) {
     // Opens a tunnel to `target` through a proxy that answers CONNECT with `answer`.

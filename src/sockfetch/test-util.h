@@ -150,6 +150,22 @@ Transport pipeTransport();
 Transport tcpTransport(kj::AsyncIoContext& io);
 // A real loopback TCP connection (127.0.0.1, ephemeral port).
 
+struct PipeProxyEnv: public LoopEnv {
+  // Connections to proxies over in-process pipes, for tunnelConnector(): each call of toProxy()'s
+  // connector adds the proxy's end, as a Peer, to `proxies`.
+  kj::Vector<kj::Own<Peer>> proxies;
+  unsigned calls = 0;
+
+  kj::Function<kj::Promise<kj::Own<kj::AsyncIoStream>>()> toProxy() {
+    return [this]() {
+      ++calls;
+      auto t = pipeTransport();
+      proxies.add(kj::heap<Peer>(ws, kj::mv(t.server)));
+      return kj::Promise<kj::Own<kj::AsyncIoStream>>(kj::mv(t.client));
+    };
+  }
+};
+
 kj::Own<kj::AsyncIoStream> tlsLike(kj::Own<kj::AsyncIoStream> inner);
 // Wraps a stream the way kj's TLS stream behaves where it matters to sockfetch: it exposes the
 // inner descriptor (whose bytes are not its bytes), reads ahead into a buffer of its own, and
