@@ -65,6 +65,25 @@ struct ProxyHandshake {
   unsigned interim = 0;
 };
 
+bool isHostAndPort(kj::StringPtr target) {
+  // CONNECT takes host:port (RFC 9110 9.3.6); without the port a proxy answers 400. A host with
+  // a colon (IPv6) is in brackets, or its last group would read as the port.
+  KJ_IF_SOME(colon, target.findLast(':')) {
+    auto host = target.slice(0, colon);
+    auto port = target.slice(colon + 1);
+    if (host.size() == 0 || port.size() == 0 || port.size() > 5) return false;
+    uint32_t number = 0;
+    for (char c: port) {
+      if (c < '0' || c > '9') return false;
+      number = number * 10 + (c - '0');
+    }
+    if (number == 0 || number > 65535) return false;
+    bool bracketed = host.size() > 2 && host[0] == '[' && host[host.size() - 1] == ']';
+    return bracketed || memchr(host.begin(), ':', host.size()) == nullptr;
+  }
+  return false;
+}
+
 kj::Exception proxyFailure(const kj::Exception& e, kj::StringPtr target) {
   // A failure of the connection to the proxy before its answer, said as such: in a pool it
   // would otherwise read like the origin failing a request.
@@ -171,14 +190,8 @@ Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
         "tunnelConnector's target must be host:port, without spaces or control characters",
         target);
   }
-  // CONNECT takes host:port (RFC 9110 9.3.6); without the port a proxy answers 400.
-  KJ_IF_SOME(colon, target.findLast(':')) {
-    bool port = colon > 0 && colon + 1 < target.size() && target.size() - colon - 1 <= 5;
-    for (char c: target.slice(colon + 1)) port = port && '0' <= c && c <= '9';
-    KJ_REQUIRE(port, "tunnelConnector's target must be host:port, with a port number", target);
-  } else {
-    KJ_FAIL_REQUIRE("tunnelConnector's target must be host:port, with a port number", target);
-  }
+  KJ_REQUIRE(isHostAndPort(target), "tunnelConnector's target must be host:port, with a port "
+      "number from 1 to 65535 (an IPv6 address in brackets: [::1]:443)", target);
   return [toProxy = kj::mv(toProxy), target = kj::heapString(target)]() mutable {
     return toProxy().then([target = kj::heapString(target)](
         kj::Own<kj::AsyncIoStream>&& stream) mutable {

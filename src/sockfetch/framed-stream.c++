@@ -200,6 +200,11 @@ FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limit
     kj::Maybe<kj::Timer&> timer)
     : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {
   if (plainSocket) probeStarter = ProbeStarter::forThisThread();
+  // A stream a StreamFetcher released (see StreamFetcher::release()) keeps its history: bytes
+  // its server sends later did not come first.
+  if (auto released = dynamic_cast<FramedStream*>(this->raw.get())) {
+    carriedExchange = released->carriedExchange;
+  }
 }
 
 FramedStream::~FramedStream() noexcept(false) {

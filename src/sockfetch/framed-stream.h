@@ -49,6 +49,10 @@ public:
   ~FramedStream() noexcept(false);
   KJ_DISALLOW_COPY(FramedStream);
 
+  bool hasCarriedExchange() const { return carriedExchange; }
+  // Whether an exchange ended on this connection (under this stream, or under the one a
+  // StreamFetcher released it from).
+
   void watchIdle(IdleListener& listener);
   // Enters idle mode: starts the idle read and reports to `listener` (which must outlive this
   // stream or the next beginExchange()/passThrough()) if it completes.

@@ -77,19 +77,27 @@ void forEachToken(kj::ArrayPtr<const char> value, Func&& func) {
 
 kj::Exception malformed(kj::StringPtr what);
 
-uint64_t parseContentLength(kj::ArrayPtr<const char> value) {
-  // A Content-Length value: decimal digits, at most 18 of them (below 10^18, so no overflow).
+inline kj::ArrayPtr<const char> trimStart(kj::ArrayPtr<const char> s) {
+  // What kj-http keeps of a field value: it skips the blanks after the colon, and keeps the rest.
+  size_t b = 0;
+  while (b < s.size() && (s[b] == ' ' || s[b] == '\t')) b++;
+  return s.slice(b, s.size());
+}
+
+kj::OneOf<uint64_t, kj::Exception> parseContentLength(kj::ArrayPtr<const char> value) {
+  // A Content-Length value (not empty): decimal digits, and below 10^18 (no overflow).
+  size_t significant = 0;
   uint64_t v = 0;
   for (char c: value) {
     if (c < '0' || c > '9') {
-      kj::throwFatalException(malformed(kj::str("invalid Content-Length ", quoteBytes(value))));
+      return malformed(kj::str("invalid Content-Length ", quoteBytes(value)));
     }
+    if (v != 0 || c != '0') significant++;  // leading zeros do not count
     v = v * 10 + (c - '0');  // may wrap past 18 digits: refused below
   }
-  if (value.size() == 0) kj::throwFatalException(malformed("invalid Content-Length \"\""));
-  if (value.size() > 18) {
-    kj::throwFatalException(malformed(kj::str("Content-Length ", quoteBytes(value),
-        " is too large: at most 18 digits are accepted")));
+  if (significant > 18) {
+    return malformed(kj::str("Content-Length ", quoteBytes(value), " is too large: values up to "
+        "10^18 are accepted"));
   }
   return v;
 }
@@ -254,6 +262,7 @@ void ResponseFramer::start(kj::HttpMethod requestMethod) {
   method = requestMethod;
   head = Head();
   headParsed = false;
+  statusLineStarted = false;
   headEnd = 0;
   receivedAny = false;
   state = State::HEAD;
@@ -567,19 +576,23 @@ void ResponseFramer::parse() {
   }
 }
 
-bool ResponseFramer::startsLikeStatusLine() const {
+bool ResponseFramer::startsLikeStatusLine() {
   // Whether what came so far of the head may begin a status line (after the blanks trim() skips).
+  // Once the whole "HTTP/1." has come, that is known for this head (statusLineStarted).
   auto chars = reinterpret_cast<const char*>(buffer.begin());
   size_t i = lineStart;
   while (i < end && (chars[i] == ' ' || chars[i] == '\t')) i++;
   size_t n = kj::min(end - i, HTTP_PREFIX.size());
-  return n == 0 || memcmp(chars + i, HTTP_PREFIX.begin(), n) == 0;  // (no buffer when empty)
+  if (n == 0) return true;  // (and there may be no buffer at all)
+  if (memcmp(chars + i, HTTP_PREFIX.begin(), n) != 0) return false;
+  statusLineStarted = n == HTTP_PREFIX.size();
+  return true;
 }
 
 bool ResponseFramer::parseHeaderBlock() {
   // Looks for the blank line that ends the header block starting at `lineStart`.
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
-  if (parsed - lineStart <= NOT_HTTP_SHOWN && !startsLikeStatusLine()) {
+  if (!statusLineStarted && !startsLikeStatusLine()) {
     // Not HTTP/1.x: refused once its first line is complete (or long enough to show), rather
     // than when a head that may never come is (a server speaking another protocol may wait for
     // us forever). Shown the same way however the bytes arrived.
@@ -615,6 +628,7 @@ bool ResponseFramer::parseHeaderBlock() {
         end -= blockEnd - lineStart;
         parsed = lineStart;
         head = Head();
+        statusLineStarted = false;
         return true;
       }
       headParsed = true;
@@ -645,6 +659,7 @@ bool ResponseFramer::parseHeaderBlock() {
 void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   head = Head();
   kj::Maybe<uint64_t> contentLength;
+  kj::Maybe<kj::Exception> contentLengthError;  // the first; it matters only if there is a body
   bool hasTransferEncoding = false;
   kj::Maybe<kj::String> transferEncodingShown;  // set if it is not `chunked` alone
   unsigned status = 0;
@@ -671,27 +686,40 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     bool interesting = (c0 == 'c' && (name.size() == 14 || name.size() == 10)) ||
         (c0 == 't' && name.size() == 17);
     if (!interesting) return;
-    auto value = trim(line.slice(colon + 1, line.size()));
+    // The framing fields' values as kj-http keeps them (blanks after them included): an empty
+    // one it takes for an absent field, even when repeated.
+    auto raw = trimStart(line.slice(colon + 1, line.size()));
     if (equalsIgnoreCase(name, "content-length"_kj)) {
       // One decimal number. RFC 9110 8.6 lets a recipient accept a list of identical values, or
       // the field repeated with them, but kj-http joins repeated fields into a list and reads no
-      // list: refused here, where the error can say so.
-      uint64_t n = parseContentLength(value);
-      KJ_IF_SOME(previous, contentLength) {
-        kj::throwFatalException(malformed(previous != n ? "conflicting Content-Length"
-            : "Content-Length sent more than once, which kj-http cannot read"));
+      // list: refused (below, if there is a body) where the error can say so.
+      if (raw.size() == 0) return;
+      KJ_SWITCH_ONEOF(parseContentLength(raw)) {
+        KJ_CASE_ONEOF(n, uint64_t) {
+          KJ_IF_SOME(previous, contentLength) {
+            if (contentLengthError == nullptr) {
+              contentLengthError = malformed(previous != n ? "conflicting Content-Length"
+                  : "Content-Length sent more than once, which kj-http cannot read");
+            }
+          }
+          contentLength = n;
+        }
+        KJ_CASE_ONEOF(e, kj::Exception) {
+          if (contentLengthError == nullptr) contentLengthError = kj::mv(e);
+        }
       }
-      contentLength = n;
     } else if (equalsIgnoreCase(name, "transfer-encoding"_kj)) {
       // kj-http decodes `chunked` alone, and joins repeated fields into a list, which it refuses
       // (as every other coding): checked below, for responses that have a body.
+      if (raw.size() == 0) return;
       if (hasTransferEncoding) {
         transferEncodingShown = kj::str("sent more than once");
-      } else if (!equalsIgnoreCase(value, "chunked"_kj)) {
-        transferEncodingShown = quoteBytes(value);  // `value` may not outlive this call
+      } else if (!equalsIgnoreCase(raw, "chunked"_kj)) {
+        transferEncodingShown = quoteBytes(raw);  // `raw` may not outlive this call
       }
       hasTransferEncoding = true;
     } else if (equalsIgnoreCase(name, "connection"_kj)) {
+      auto value = trim(line.slice(colon + 1, line.size()));
       forEachToken(value, [&](kj::ArrayPtr<const char> token) {
         if (equalsIgnoreCase(token, "close"_kj)) head.connectionClose = true;
         if (equalsIgnoreCase(token, "keep-alive"_kj)) head.keepAlive = true;
@@ -700,7 +728,10 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   });
 
   if (status < 200 || status == 204 || status == 304 || method == kj::HttpMethod::HEAD) {
-    return;  // no body; parseHeaderBlock() completes the response
+    return;  // no body (kj-http reads no framing field then); parseHeaderBlock() completes it
+  }
+  KJ_IF_SOME(e, contentLengthError) {
+    kj::throwFatalException(kj::mv(e));
   }
   if (hasTransferEncoding) {
     KJ_IF_SOME(shown, transferEncodingShown) {
@@ -755,9 +786,10 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
     size_t nameEnd = colon - line.begin();
     while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
     for (char c: line.slice(0, nameEnd)) {
-      // tchar (RFC 9110 5.6.2): what kj-http takes for a field name.
-      bool token = ('a' <= (c | 0x20) && (c | 0x20) <= 'z') || ('0' <= c && c <= '9') ||
-          (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr);
+      // What kj-http takes for a field name: any byte but controls, DEL and RFC 2616's
+      // separators (so bytes above 0x7f too).
+      unsigned char u = c;
+      bool token = u > ' ' && u != 0x7f && strchr("()<>@,;:\\\"/[]?={}", c) == nullptr;
       if (!token) {
         found = kj::str("invalid field name in ", quoteBytes(line));
         return;

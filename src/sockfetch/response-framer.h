@@ -118,8 +118,8 @@ public:
 
   kj::Maybe<kj::String> findFieldKjRefuses() const;
   // For a parsed head still in the buffer (it is, until the consumer reads past it): the first
-  // field line kj-http 0.9.2 refuses though the framer does not need to (a name with a character
-  // that is not a token character, a NUL in a value), described for an error message; null if
+  // field line kj-http 0.9.2 refuses though the framer does not need to (a name with a control
+  // character, a space or a separator; a NUL in a value), described for an error message; null if
   // there is none, or the head is gone. Only for explaining a failure: it scans the whole head.
 
   bool endsWithBody() const;
@@ -198,12 +198,13 @@ private:
   kj::HttpMethod method = kj::HttpMethod::GET;
   Head head;
   bool headParsed = false;
+  bool statusLineStarted = false;  // the head began with "HTTP/1." (see startsLikeStatusLine())
   bool receivedAny = false;
   kj::Maybe<kj::Exception> failure;
 
   void parse();
   void parseEof();
-  bool startsLikeStatusLine() const;
+  bool startsLikeStatusLine();
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);

@@ -226,6 +226,7 @@ public:
   uint64_t requestBodyWritten = 0;
   bool requestBodyDropped = false;
   bool discardRequestBody = false;  // see succeed()
+  kj::Canceler bodyWrites;  // the request body's writes in flight, for succeed() to end
   bool responded = false;
   bool responseOver = false;  // see endResponse()
   bool upgraded = false;      // the stream belongs to another protocol now: never closed here
@@ -302,13 +303,12 @@ private:
 
   kj::Promise<void> track(kj::Promise<void> write, size_t size) {
     bytesTaken += size;
-    return write.then([this, size]() {
+    return exchange->bodyWrites.wrap(kj::mv(write)).then([this, size]() {
       --writesPending;
       exchange->requestBodyWritten += size;
     }, [this](kj::Exception&& e) {
       --writesPending;
-      // A write the connection's closing cut short after the server answered was discarded
-      // anyway (see Exchange::succeed()).
+      // A write in flight when the server answered is discarded (see Exchange::succeed()).
       if (exchange->discardRequestBody) return;
       if (writeFailure == nullptr) writeFailure = kj::str(e.getDescription());
       kj::throwFatalException(kj::mv(e));
@@ -601,16 +601,21 @@ void StreamFetcher::Exchange::succeed() {
   endResponse();
   if (done) return;
   auto& framer = stream->getFramer();
+  auto incomplete = whyRequestIncomplete();
+  if (incomplete != nullptr && !framer.isUpgrade()) {
+    // The server answered before the whole request reached it. The connection is not reused
+    // (the server may still wait for the rest, or take it for a request), and from now on the
+    // rest of the request body is taken and dropped, as the server itself must do (RFC 9112 9.3),
+    // writes in flight included: a caller that goes on writing it (kj::newHttpService() pumping
+    // a client's upload to the answered request) then ends its exchange normally, instead of
+    // failing its client's. So too when the answer also ends reuse (`Connection: close`).
+    discardRequestBody = true;
+    bodyWrites.cancel("the server answered before the request body was written");
+  }
   KJ_IF_SOME(why, framer.whyNotReusable()) {
     return failNotReusable(why);
   }
-  KJ_IF_SOME(why, whyRequestIncomplete()) {
-    // The server answered before the whole request reached it. The connection is not reused
-    // (the server may still wait for the rest, or take it for a request), and from now on the
-    // rest of the request body is taken and dropped, as the server itself must do (RFC 9112 9.3):
-    // a caller that goes on writing it (kj::newHttpService() pumping a client's upload to the
-    // answered request) then ends its exchange normally, instead of failing its client's.
-    discardRequestBody = true;
+  KJ_IF_SOME(why, incomplete) {
     return fail(CloseKind::REQUEST_INCOMPLETE, kj::mv(why));
   }
   framer.finish();
@@ -693,6 +698,7 @@ StreamFetcher::StreamFetcher(kj::Own<kj::AsyncIoStream> stream, const kj::HttpHe
       disposal(*idleWatch) {
   auto framed = kj::heap<FramedStream>(kj::mv(stream), this->settings.limits,
       this->settings.timer);
+  streamCarriedExchange = framed->hasCarriedExchange();
   framed->watchIdle(*idleWatch);
   state.init<Idle>(Idle{kj::mv(framed)});
 }

@@ -125,7 +125,7 @@ public:
 
   bool serverSpokeFirst() const {
     return getCloseKind() == CloseKind::UNSOLICITED_BYTES && completedRequests == 0 &&
-        !lastRequestBytes;
+        !lastRequestBytes && !streamCarriedExchange;
   }
   // Whether the connection was dropped because the server sent bytes before any request was
   // written on it, which an HTTP/1.1 server never does: the close reason then says to check the
@@ -192,6 +192,7 @@ private:
   const kj::HttpHeaderTable& table;
   Settings settings;
   uint64_t completedRequests = 0;
+  bool streamCarriedExchange = false;  // the connection was released from another StreamFetcher
   bool lastResponseBytes = false;
   bool lastRequestBytes = false;
   kj::Maybe<Observer&> observer;
