@@ -136,21 +136,23 @@ LineBreak findLineBreak(const char* p, const char* end) {
 
 template <typename Func>
 void forEachLine(kj::ArrayPtr<const char> block, Func&& func) {
-  // Calls func(line) for each line of a header block, split exactly as kj-http splits it (the
-  // framer must see the same header fields as the kj client it sits under): a line ends at LF,
-  // CR LF or a lone CR, and a line that starts with SP or HTAB continues the one before it, that
-  // line break read as spaces (obsolete line folding). `line` excludes its line break.
+  // Calls func(line, firstPart) for each line of a header block, split exactly as kj-http splits
+  // it (the framer must see the same header fields as the kj client it sits under): a line ends
+  // at LF, CR LF or a lone CR, and a line that starts with SP or HTAB continues the one before
+  // it, that line break read as spaces (obsolete line folding). `line` excludes its line break;
+  // its first `firstPart` bytes were on its first physical line (all of them, unless folded).
   const char* p = block.begin();
   const char* end = block.end();
   while (p < end) {
     auto lineBreak = findLineBreak(p, end);
     const char* next = lineBreak.next;
     if (next == end || (*next != ' ' && *next != '\t')) {
-      func(kj::arrayPtr(p, lineBreak.contentEnd));
+      func(kj::arrayPtr(p, lineBreak.contentEnd), size_t(lineBreak.contentEnd - p));
       p = next;
       continue;
     }
     // Folded (rare): join the pieces, each line break becoming as many spaces.
+    size_t firstPart = lineBreak.contentEnd - p;
     kj::Vector<char> folded;
     for (;;) {
       folded.addAll(p, lineBreak.contentEnd);
@@ -161,7 +163,7 @@ void forEachLine(kj::ArrayPtr<const char> block, Func&& func) {
       if (next == end || (*next != ' ' && *next != '\t')) break;
     }
     folded.addAll(p, lineBreak.contentEnd);
-    func(folded.asPtr());
+    func(folded.asPtr(), firstPart);
     p = next;
   }
 }
@@ -664,7 +666,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   kj::Maybe<kj::String> transferEncodingShown;  // set if it is not `chunked` alone
   unsigned status = 0;
   bool first = true;
-  forEachLine(block, [&](kj::ArrayPtr<const char> line) {
+  forEachLine(block, [&](kj::ArrayPtr<const char> line, size_t firstPart) {
     if (first) {
       first = false;
       parseStatusLine(trim(line));
@@ -686,15 +688,22 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     bool interesting = (c0 == 'c' && (name.size() == 14 || name.size() == 10)) ||
         (c0 == 't' && name.size() == 17);
     if (!interesting) return;
-    // The framing fields' values as kj-http keeps them (blanks after them included): an empty
-    // one it takes for an absent field, even when repeated.
-    auto raw = trimStart(line.slice(colon + 1, line.size()));
+    // The framing fields' values as kj-http keeps them: it skips the blanks after the colon on
+    // the field's first line, and keeps the rest (blanks after the value, and where the field is
+    // folded, the spaces that stand for the line break). An empty one it takes for an absent
+    // field, even when repeated.
+    size_t valueStart = colon + 1;
+    while (valueStart < firstPart && (line[valueStart] == ' ' || line[valueStart] == '\t')) {
+      valueStart++;
+    }
+    auto raw = line.slice(valueStart, line.size());
     if (equalsIgnoreCase(name, "content-length"_kj)) {
       // One decimal number. RFC 9110 8.6 lets a recipient accept a list of identical values, or
       // the field repeated with them, but kj-http joins repeated fields into a list and reads no
       // list: refused (below, if there is a body) where the error can say so.
       if (raw.size() == 0) return;
-      KJ_SWITCH_ONEOF(parseContentLength(raw)) {
+      // kj-http reads it with strtoull(), which skips any leading blanks (a fold's too).
+      KJ_SWITCH_ONEOF(parseContentLength(trimStart(raw))) {
         KJ_CASE_ONEOF(n, uint64_t) {
           KJ_IF_SOME(previous, contentLength) {
             if (contentLengthError == nullptr) {
@@ -730,9 +739,6 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   if (status < 200 || status == 204 || status == 304 || method == kj::HttpMethod::HEAD) {
     return;  // no body (kj-http reads no framing field then); parseHeaderBlock() completes it
   }
-  KJ_IF_SOME(e, contentLengthError) {
-    kj::throwFatalException(kj::mv(e));
-  }
   if (hasTransferEncoding) {
     KJ_IF_SOME(shown, transferEncodingShown) {
       kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("the server sent a response whose "
@@ -742,6 +748,9 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     }
     head.conflictingFraming = contentLength != nullptr;
     state = State::CHUNK_LINE;
+  } else if (contentLengthError != nullptr) {
+    // Only where Content-Length frames the body (kj-http reads chunked when both are there).
+    kj::throwFatalException(kj::mv(KJ_ASSERT_NONNULL(contentLengthError)));
   } else KJ_IF_SOME(n, contentLength) {
     remaining = n;
     state = State::LENGTH;
@@ -776,7 +785,7 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
   kj::Maybe<kj::String> found;
   bool first = true;
   forEachLine(kj::arrayPtr(chars + headStart, headEnd - headStart),
-      [&](kj::ArrayPtr<const char> line) {
+      [&](kj::ArrayPtr<const char> line, size_t) {
     if (first || found != nullptr || line.size() == 0) {
       first = false;
       return;
