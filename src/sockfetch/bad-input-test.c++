@@ -216,7 +216,8 @@ KJ_TEST("an empty Transfer-Encoding field is taken for an absent one, as kj-http
   }
 }
 
-KJ_TEST("a Content-Length of 19 digits with leading zeros is read for its value, 5, as kj-http reads "
+KJ_TEST("a Content-Length of 19 digits with leading zeros is read for its value, 5, as kj-http "
+        "reads "
         "it (was: called \"too large\")") {
   // Leading zeros do not count towards the framer's cap (values below 10^18).
   auto bytes = "HTTP/1.1 200 OK\r\nContent-Length: 0000000000000000005\r\n\r\nhello"_kj;
@@ -226,7 +227,8 @@ KJ_TEST("a Content-Length of 19 digits with leading zeros is read for its value,
   KJ_EXPECT(got.ok && got.body == "hello", describe(got));
 }
 
-KJ_TEST("`Transfer-Encoding: chunked` with trailing whitespace (or folded onto a continuation line), "
+KJ_TEST("`Transfer-Encoding: chunked` with trailing whitespace (or folded onto a continuation "
+        "line), "
         "which kj-http refuses, fails in the library's words (was: kj-http's \"unknown transfer "
         "encoding\")") {
   // kj-http 0.9.2 keeps blanks after the value, and refuses "chunked " (reference below); an
@@ -234,7 +236,8 @@ KJ_TEST("`Transfer-Encoding: chunked` with trailing whitespace (or folded onto a
   // spaces it keeps). The framer compares the value as kj-http keeps it, and refuses it first.
   for (auto value: {"chunked "_kj, "chunked\t"_kj, "\r\n chunked"_kj}) {
     KJ_CONTEXT(value);
-    auto bytes = kj::str("HTTP/1.1 200 OK\r\nTransfer-Encoding:", value[0] == '\r' ? "" : " ", value,
+    auto bytes = kj::str("HTTP/1.1 200 OK\r\nTransfer-Encoding:", value[0] == '\r' ? "" : " ",
+        value,
         "\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
     auto reference = viaKj(kj::HttpMethod::GET, bytes);
     KJ_ASSERT(!reference.ok, "kj-http reads it after all", describe(reference));
@@ -303,7 +306,8 @@ KJ_TEST("on a stream without a descriptor (a pipe, the TLS-like wrapper over one
     memset(big.begin(), 'a', big.size());
     auto write = req.body->write(big.begin(), big.size()).eagerlyEvaluate(nullptr);
     env.peer->readHead();
-    auto sent = env.peer->sendLater("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+    auto sent = env.peer->sendLater("HTTP/1.1 413 Payload Too Large\r\nContent-Length: "
+                                    "3\r\n\r\nbig")
         .eagerlyEvaluate([](kj::Exception&&) {});
     auto r = env.bounded(kj::mv(req.response));
     KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
@@ -318,7 +322,8 @@ KJ_TEST("on a stream without a descriptor (a pipe, the TLS-like wrapper over one
 // =================================================================================================
 // findFieldKjRefuses() names only what kj-http refuses
 
-KJ_TEST("a failed WebSocket handshake whose 101 carries a field name with a non-ASCII byte (kj-http "
+KJ_TEST("a failed WebSocket handshake whose 101 carries a field name with a non-ASCII byte "
+        "(kj-http "
         "accepts it) is reported as the handshake's failure (was: \"malformed HTTP response "
         "(invalid field name ...)\")") {
   // kj-http 0.9.2 takes any byte but controls, DEL, whitespace and separators in a field name
@@ -619,7 +624,8 @@ KJ_TEST("sound: a chunked body answered early: later writes and the dropped body
     env.peer->readHead();
     KJ_ASSERT(env.peer->readExactly(10) == "5\r\n12345\r\n");
     env.bounded(kj::mv(write));
-    auto sent = env.peer->sendLater("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+    auto sent = env.peer->sendLater("HTTP/1.1 413 Payload Too Large\r\nContent-Length: "
+                                    "3\r\n\r\nbig")
         .eagerlyEvaluate([](kj::Exception&&) {});
     auto r = env.bounded(kj::mv(req.response));
     KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");

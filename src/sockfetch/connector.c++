@@ -78,8 +78,16 @@ bool isHostAndPort(kj::StringPtr target) {
       number = number * 10 + (c - '0');
     }
     if (number == 0 || number > 65535) return false;
-    bool bracketed = host.size() > 2 && host[0] == '[' && host[host.size() - 1] == ']';
-    return bracketed || memchr(host.begin(), ':', host.size()) == nullptr;
+    if (host[0] == '[' || host[host.size() - 1] == ']') {
+      // [v6 address]: brackets around it, and none inside.
+      auto inside = host.slice(1, host.size() - 1);
+      return host.size() > 2 && host[0] == '[' && host[host.size() - 1] == ']' &&
+          memchr(inside.begin(), '[', inside.size()) == nullptr &&
+          memchr(inside.begin(), ']', inside.size()) == nullptr;
+    }
+    return memchr(host.begin(), ':', host.size()) == nullptr &&
+        memchr(host.begin(), '[', host.size()) == nullptr &&
+        memchr(host.begin(), ']', host.size()) == nullptr;
   }
   return false;
 }

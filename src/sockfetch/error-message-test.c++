@@ -767,7 +767,8 @@ KJ_TEST("ConnectionPool: \"connecting to the upstream timed out after 20 ms\" sa
   EXPECT_ERROR(e, OVERLOADED, "timed out after 20 ms", "connectTimeout");
 }
 
-KJ_TEST("ConnectionPool destroyed under a waiting request: \"the ConnectionPool was destroyed while "
+KJ_TEST("ConnectionPool destroyed under a waiting request: \"the ConnectionPool was destroyed "
+        "while "
     "this request was waiting for a connection\" says to keep the pool alive") {
   ConnectionPool::Settings settings;
   settings.maxConnections = 1;

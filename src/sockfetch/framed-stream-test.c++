@@ -261,7 +261,8 @@ KJ_TEST("FramedStream's gate waiting for unread input ends when the idle read re
   stream.beginExchange(kj::HttpMethod::GET);
   auto write = stream.write("GET / HTTP/1.1\r\n\r\n", 18);
   auto& timer = io.provider->getTimer();
-  KJ_EXPECT_THROW_MESSAGE("before any request was sent", write.exclusiveJoin(timer.afterDelay(1 * kj::SECONDS)
+  KJ_EXPECT_THROW_MESSAGE("before any request was sent",
+      write.exclusiveJoin(timer.afterDelay(1 * kj::SECONDS)
       .then([]() { KJ_FAIL_ASSERT("the gate never ended"); })).wait(io.waitScope));
 }
 

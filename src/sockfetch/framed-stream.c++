@@ -587,6 +587,10 @@ kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTer
   // `promise` comes from evalNow(): kj's sockets throw some write errors (a reset, a broken pipe)
   // from write() itself, and such a write must count as failed like any other.
   ++writesInFlight;
+  if (raw->getFd() == nullptr) {
+    // Only shutdownNow() can end a write the peer never reads on a stream without a descriptor.
+    promise = rawWrites.wrap(kj::mv(promise));
+  }
   // Eager: kj-http does not always wait on its write queue, and the bookkeeping must not depend
   // on someone pulling the promise.
   return promise.then([this, isTerminator]() {
@@ -607,9 +611,12 @@ void FramedStream::shutdownNow() {
   shutDown = true;
   KJ_IF_SOME(fd, raw->getFd()) {
     ::shutdown(fd, SHUT_RDWR);  // may fail if the peer is gone already: nothing more to do then
-  } else if (writesInFlight == 0) {
-    // No descriptor (an in-process pipe, a wrapper that hides it): end the write side, which the
-    // peer reads as the end of the connection. Not with a write pending (kj refuses that).
+  } else {
+    // No descriptor (an in-process pipe, kj-tls's stream): end the write side, which the peer
+    // reads as the end of the connection, once no write is pending (kj refuses that): a write
+    // still waiting for the peer to read is dropped first (the caller's write then fails, or is
+    // discarded after an early answer).
+    rawWrites.cancel("the connection was closed");
     kj::runCatchingExceptions([&]() { raw->shutdownWrite(); });
   }
 }

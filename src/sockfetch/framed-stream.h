@@ -101,8 +101,8 @@ public:
   // caller keeps writing, a response body the caller keeps): shuts the socket down, so that the
   // server sees it closed now rather than when the last reference goes. Pending reads and writes
   // end as the socket's do (EOF, an error); nothing is destroyed. A stream without a descriptor
-  // has its write side shut down instead (which its peer reads as the end), unless a write is
-  // pending: then it is left as it is.
+  // has its write side shut down instead (which its peer reads as the end), a write still
+  // pending dropped first (it fails).
 
   class ExchangeView;
   // The stream to build an exchange's kj::HttpClient over (see below).
@@ -166,6 +166,8 @@ private:
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
   kj::ArrayPtr<kj::byte> bodyBuffer;
+
+  kj::Canceler rawWrites;  // writes in flight on a stream without a descriptor (see shutdownNow())
 
   kj::Canceler gateCanceler;
   // Cancels a gate still settling when the stream is destroyed (a read or write may hold a branch

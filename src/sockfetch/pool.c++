@@ -445,7 +445,18 @@ public:
         break;
     }
 
-    return request.response.catch_(
+    auto response = kj::mv(request.response);
+    if (bodyMode == BodyMode::BUFFERED) {
+      // A server may answer before reading the body. The write then goes on with the response
+      // body (the fetcher discards what is left of it once the answer is read) rather than being
+      // dropped with this attempt as the answer arrives, which would cut the request short and
+      // count its connection as abandoned.
+      response = response.then([self = kj::addRef(*this)](Response&& r) mutable {
+        r.body = r.body.attach(kj::mv(self->bodyWrite));
+        return kj::mv(r);
+      });
+    }
+    return response.catch_(
         [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
       // Holds the attempt (see ConnectionPool::request()) for as long as a retry may need it.

@@ -222,7 +222,8 @@ KJ_TEST("ResponseFramer rejects malformed framing with a clear error") {
   }
 }
 
-KJ_TEST("ResponseFramer refuses an answer that is not HTTP/1.x from its first bytes, showing them") {
+KJ_TEST("ResponseFramer refuses an answer that is not HTTP/1.x from its first bytes, showing "
+        "them") {
   // A server speaking another protocol may then wait for us: the framer does not wait for a head.
   struct Case {
     kj::StringPtr bytes;

@@ -77,18 +77,20 @@ void forEachToken(kj::ArrayPtr<const char> value, Func&& func) {
 
 kj::Exception malformed(kj::StringPtr what);
 
-inline kj::ArrayPtr<const char> trimStart(kj::ArrayPtr<const char> s) {
-  // What kj-http keeps of a field value: it skips the blanks after the colon, and keeps the rest.
-  size_t b = 0;
-  while (b < s.size() && (s[b] == ' ' || s[b] == '\t')) b++;
-  return s.slice(b, s.size());
-}
-
 kj::OneOf<uint64_t, kj::Exception> parseContentLength(kj::ArrayPtr<const char> value) {
-  // A Content-Length value (not empty): decimal digits, and below 10^18 (no overflow).
+  // A Content-Length value as kj-http reads it (strtoull(), which skips leading white space of
+  // any kind), but only decimal digits after that, and below 10^18 (no overflow).
+  size_t start = 0;
+  while (start < value.size() && (value[start] == ' ' || value[start] == '\t' ||
+         value[start] == '\v' || value[start] == '\f')) {
+    start++;
+  }
+  if (start == value.size()) {
+    return malformed(kj::str("invalid Content-Length ", quoteBytes(value)));
+  }
   size_t significant = 0;
   uint64_t v = 0;
-  for (char c: value) {
+  for (char c: value.slice(start, value.size())) {
     if (c < '0' || c > '9') {
       return malformed(kj::str("invalid Content-Length ", quoteBytes(value)));
     }
@@ -96,7 +98,7 @@ kj::OneOf<uint64_t, kj::Exception> parseContentLength(kj::ArrayPtr<const char> v
     v = v * 10 + (c - '0');  // may wrap past 18 digits: refused below
   }
   if (significant > 18) {
-    return malformed(kj::str("Content-Length ", quoteBytes(value), " is too large: values up to "
+    return malformed(kj::str("Content-Length ", quoteBytes(value), " is too large: values below "
         "10^18 are accepted"));
   }
   return v;
@@ -662,7 +664,9 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
   head = Head();
   kj::Maybe<uint64_t> contentLength;
   kj::Maybe<kj::Exception> contentLengthError;  // the first; it matters only if there is a body
+  bool hasContentLength = false;  // parsed or not
   bool hasTransferEncoding = false;
+  bool identity = false;  // `Transfer-Encoding: identity`
   kj::Maybe<kj::String> transferEncodingShown;  // set if it is not `chunked` alone
   unsigned status = 0;
   bool first = true;
@@ -701,9 +705,16 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
       // One decimal number. RFC 9110 8.6 lets a recipient accept a list of identical values, or
       // the field repeated with them, but kj-http joins repeated fields into a list and reads no
       // list: refused (below, if there is a body) where the error can say so.
-      if (raw.size() == 0) return;
-      // kj-http reads it with strtoull(), which skips any leading blanks (a fold's too).
-      KJ_SWITCH_ONEOF(parseContentLength(trimStart(raw))) {
+      if (raw.size() == 0) {
+        // Absent for kj-http, unless one came before: then kj-http joins them ("5, ").
+        if (hasContentLength && contentLengthError == nullptr) {
+          contentLengthError = malformed("Content-Length sent more than once, which kj-http "
+              "cannot read");
+        }
+        return;
+      }
+      hasContentLength = true;
+      KJ_SWITCH_ONEOF(parseContentLength(raw)) {
         KJ_CASE_ONEOF(n, uint64_t) {
           KJ_IF_SOME(previous, contentLength) {
             if (contentLengthError == nullptr) {
@@ -720,9 +731,15 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     } else if (equalsIgnoreCase(name, "transfer-encoding"_kj)) {
       // kj-http decodes `chunked` alone, and joins repeated fields into a list, which it refuses
       // (as every other coding): checked below, for responses that have a body.
-      if (raw.size() == 0) return;
+      if (raw.size() == 0) {
+        // Absent for kj-http, unless one came before: then kj-http joins them ("chunked, ").
+        if (hasTransferEncoding) transferEncodingShown = kj::str("sent more than once");
+        return;
+      }
       if (hasTransferEncoding) {
         transferEncodingShown = kj::str("sent more than once");
+      } else if (equalsIgnoreCase(raw, "identity"_kj)) {
+        identity = true;  // kj-http reads the body to the end of the connection
       } else if (!equalsIgnoreCase(raw, "chunked"_kj)) {
         transferEncodingShown = quoteBytes(raw);  // `raw` may not outlive this call
       }
@@ -746,8 +763,14 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
           "connection was dropped, configure the upstream server to send chunked or "
           "Content-Length bodies")));
     }
-    head.conflictingFraming = contentLength != nullptr;
-    state = State::CHUNK_LINE;
+    // (kj-http ignores Content-Length then, valid or not; the connection is not reused.)
+    head.conflictingFraming = hasContentLength;
+    if (identity) {
+      state = State::UNTIL_EOF;
+      remaining = UINT64_MAX;
+    } else {
+      state = State::CHUNK_LINE;
+    }
   } else if (contentLengthError != nullptr) {
     // Only where Content-Length frames the body (kj-http reads chunked when both are there).
     kj::throwFatalException(kj::mv(KJ_ASSERT_NONNULL(contentLengthError)));
@@ -784,15 +807,51 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
   auto chars = reinterpret_cast<const char*>(buffer.begin());
   kj::Maybe<kj::String> found;
   bool first = true;
+  bool emptyLine = false;
+  bool framed = false;
+  bool byteranges = false;
+  bool sawContentType = false;
   forEachLine(kj::arrayPtr(chars + headStart, headEnd - headStart),
-      [&](kj::ArrayPtr<const char> line, size_t) {
-    if (first || found != nullptr || line.size() == 0) {
+      [&](kj::ArrayPtr<const char> line, size_t firstPart) {
+    if (found != nullptr) return;
+    if (first) {
       first = false;
+      // kj-http reads the head as C strings: a NUL anywhere ends it.
+      if (memchr(line.begin(), '\0', line.size()) != nullptr) {
+        found = kj::str("a NUL byte in the status line ", quoteBytes(line));
+      }
+      return;
+    }
+    if (line.size() == 0) {
+      emptyLine = true;  // the end of the head, unless a field follows
+      return;
+    }
+    if (emptyLine) {
+      // kj-http ends a line at a lone CR too, and then finds no field in the line break after it.
+      found = kj::str("an empty line inside the head, before ", quoteBytes(line));
       return;
     }
     auto colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
     if (colon == nullptr) return;  // the framer refuses those itself
     size_t nameEnd = colon - line.begin();
+    if (nameEnd >= firstPart) {
+      // kj-http folds values only: a name continued on the next line is no name.
+      found = kj::str("a field name continued on the next line in ", quoteBytes(line));
+      return;
+    }
+    auto name = line.slice(0, nameEnd);
+    if (equalsIgnoreCase(name, "content-length"_kj) ||
+        equalsIgnoreCase(name, "transfer-encoding"_kj)) {
+      framed = framed || trim(line.slice(nameEnd + 1, line.size())).size() > 0;  // (empty: none)
+    } else if (name.size() == 12 && equalsIgnoreCase(name, "content-type"_kj)) {
+      // kj-http joins repeated fields: the first non-empty one starts the value it looks at.
+      auto value = trim(line.slice(nameEnd + 1, line.size()));
+      if (!sawContentType && value.size() > 0) {
+        sawContentType = true;
+        byteranges = value.size() >= 20 &&
+            equalsIgnoreCase(value.slice(0, 20), "multipart/byteranges"_kj);
+      }
+    }
     while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
     for (char c: line.slice(0, nameEnd)) {
       // What kj-http takes for a field name: any byte but controls, DEL and RFC 2616's
@@ -808,6 +867,10 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
       found = kj::str("a NUL byte in the field ", quoteBytes(line));
     }
   });
+  if (found == nullptr && byteranges && !framed && state == State::UNTIL_EOF) {
+    found = kj::str("a multipart/byteranges body without Content-Length or Transfer-Encoding, "
+        "which kj-http refuses to read");
+  }
   return kj::mv(found);
 }
 

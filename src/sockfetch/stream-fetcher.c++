@@ -269,7 +269,7 @@ public:
   }
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
-    if (exchange->discardRequestBody) return kj::READY_NOW;
+    if (exchange->discardRequestBody && writeFailure == nullptr) return kj::READY_NOW;
     KJ_IF_SOME(e, refusal(size)) {
       return kj::mv(e);
     }
@@ -278,7 +278,7 @@ public:
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
-    if (exchange->discardRequestBody) return kj::READY_NOW;
+    if (exchange->discardRequestBody && writeFailure == nullptr) return kj::READY_NOW;
     size_t size = 0;
     for (auto& piece: pieces) size += piece.size();
     KJ_IF_SOME(e, refusal(size)) {
