@@ -198,7 +198,8 @@ thread_local FramedStream::ProbeStarter* FramedStream::ProbeStarter::current = n
 
 FramedStream::FramedStream(kj::Own<kj::AsyncIoStream> raw, ResponseFramer::Limits limits,
     kj::Maybe<kj::Timer&> timer)
-    : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)) {
+    : raw(kj::mv(raw)), framer(limits), timer(timer), plainSocket(isPlainSocket(*this->raw)),
+      hasFd(this->raw->getFd() != nullptr) {
   if (plainSocket) probeStarter = ProbeStarter::forThisThread();
   // A stream a StreamFetcher released (see StreamFetcher::release()) keeps its history: bytes
   // its server sends later did not come first.
@@ -587,7 +588,7 @@ kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTer
   // `promise` comes from evalNow(): kj's sockets throw some write errors (a reset, a broken pipe)
   // from write() itself, and such a write must count as failed like any other.
   ++writesInFlight;
-  if (raw->getFd() == nullptr) {
+  if (!hasFd) {
     // Only shutdownNow() can end a write the peer never reads on a stream without a descriptor.
     promise = rawWrites.wrap(kj::mv(promise));
   }

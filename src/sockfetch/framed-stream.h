@@ -140,6 +140,7 @@ private:
   ResponseFramer framer;
   kj::Maybe<kj::Timer&> timer;
   bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
+  bool hasFd;        // the stream has a descriptor (a socket, or a wrapper that exposes one)
   kj::Maybe<kj::String> refusal;  // set by refuseWrites()
   bool shutDown = false;
   kj::Maybe<ExchangeView&> currentView;  // the newest view, while it may touch this stream

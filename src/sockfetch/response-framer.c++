@@ -221,18 +221,14 @@ kj::String quoteBytes(kj::ArrayPtr<const char> bytes, size_t max) {
   return kj::String(out.releaseAsArray());
 }
 
-void requireValidRequestTarget(kj::StringPtr url) {
-  for (unsigned char c: url) {
-    if (c <= ' ' || c == 0x7f) {
-      kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("the request url ", quoteBytes(url),
-          " contains a space or a control character, which would corrupt the request line; "
-          "percent-encode them")));
-    }
-  }
+void refuseRequestTarget(kj::StringPtr url) {
   if (url.size() == 0) {
     kj::throwFatalException(KJ_EXCEPTION(FAILED,
         "the request url is empty; pass a path (\"/\") or an absolute url"));
   }
+  kj::throwFatalException(KJ_EXCEPTION(FAILED, kj::str("the request url ", quoteBytes(url),
+      " contains a space or a control character, which would corrupt the request line; "
+      "percent-encode them")));
 }
 
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {

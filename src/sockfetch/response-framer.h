@@ -10,7 +10,15 @@ kj::String quoteBytes(kj::ArrayPtr<const char> bytes, size_t max = 40);
 // `bytes` (at most `max` of them, then "...") in double quotes, with anything outside printable
 // ASCII escaped: for error messages that show what came from the wire, or what a caller passed.
 
-void requireValidRequestTarget(kj::StringPtr url);
+[[noreturn]] void refuseRequestTarget(kj::StringPtr url);
+
+inline void requireValidRequestTarget(kj::StringPtr url) {
+  // (Inline: every request passes here.)
+  for (unsigned char c: url) {
+    if (c <= ' ' || c == 0x7f) refuseRequestTarget(url);
+  }
+  if (url.size() == 0) refuseRequestTarget(url);
+}
 // Throws FAILED unless `url` may go into a request line as it is: not empty, and without spaces or
 // control characters. kj-http 0.9.2 writes a url unchecked, so CR LF in one would add headers, or
 // a whole second request, to the request sent.
