@@ -94,31 +94,7 @@ struct IgnoreAll final: public kj::TaskSet::ErrorHandler {
   void taskFailed(kj::Exception&&) override {}
 };
 
-kj::Maybe<size_t> bytesBeforeEnd(test::LoopEnv& env, kj::AsyncIoStream& stream) {
-  // Reads what the client still sends until it closes (FIN or reset): how many bytes came, or
-  // null if it did not close within env.limit.
-  auto buffer = kj::heapArray<kj::byte>(1 << 16);
-  size_t total = 0;
-  auto deadline = env.timer.now() + env.limit;
-  while (env.timer.now() < deadline) {
-    auto read = kj::evalNow([&]() { return stream.tryRead(buffer.begin(), 1, buffer.size()); });
-    auto n = read.then([](size_t n) -> int64_t { return n; },
-                       [](kj::Exception&& e) -> int64_t {
-      return e.getType() == kj::Exception::Type::DISCONNECTED ? 0 : -2;
-    }).exclusiveJoin(env.timer.afterDelay(deadline - env.timer.now()).then([]() -> int64_t {
-      return -1;
-    })).wait(env.ws);
-    if (n == 0) return total;
-    if (n < 0) return nullptr;
-    total += n;
-  }
-  return nullptr;
-}
-
-kj::Maybe<kj::Exception> outcomeOf(test::LoopEnv& env, kj::Promise<void> promise) {
-  // Null if `promise` succeeds within env.limit; why it failed (or timed out) otherwise.
-  return kj::runCatchingExceptions([&]() { env.bounded(kj::mv(promise)); });
-}
+using test::bytesBeforeEnd;
 
 void feedConsuming(ResponseFramer& framer, kj::ArrayPtr<const char> bytes) {
   // Feeds `bytes` as the owner would, taking everything passable as it comes (a consumer keeping
@@ -265,7 +241,7 @@ void earlyAnswerThenWrite(FetcherEnv& env, kj::StringPtr answer) {
   KJ_EXPECT(r.statusCode == 413);
   KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
   KJ_EXPECT(env.fetcher->getState() == StreamFetcher::State::CLOSED);
-  KJ_IF_SOME(e, outcomeOf(env, writeAll(*req.body, "67890"_kj.asBytes()))) {
+  KJ_IF_SOME(e, test::failureIfAny(env, writeAll(*req.body, "67890"_kj.asBytes()))) {
     KJ_FAIL_EXPECT("a write after an early answer failed instead of being discarded",
         env.fetcher->getCloseKind(), e);
   }
@@ -313,7 +289,7 @@ KJ_TEST("on a stream without a descriptor (a pipe, the TLS-like wrapper over one
     KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
     KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.why());
     env.limit = 300 * kj::MILLISECONDS;
-    KJ_IF_SOME(e, outcomeOf(env, kj::mv(write))) {
+    KJ_IF_SOME(e, test::failureIfAny(env, kj::mv(write))) {
       KJ_FAIL_EXPECT("the write in flight at the early answer did not complete", e);
     }
   }
@@ -653,7 +629,7 @@ KJ_TEST("sound: on TCP (plain and TLS-like), a body write stuck in flight when a
     auto r = env.bounded(kj::mv(req.response));
     KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
     KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.why());
-    KJ_IF_SOME(e, outcomeOf(env, kj::mv(write))) {
+    KJ_IF_SOME(e, test::failureIfAny(env, kj::mv(write))) {
       KJ_FAIL_EXPECT("the stuck write failed or hung", e);
     }
     env.bounded(req.body->write("more", 4));
@@ -669,7 +645,7 @@ KJ_TEST("sound: an exchange not answered early still reports a failed body write
   auto req = env.fetcher->request(kj::HttpMethod::POST, "/", env.headers(), uint64_t(10));
   env.peer->readHead();
   env.peer->close();
-  auto e = KJ_ASSERT_NONNULL(outcomeOf(env, req.body->write("hello", 5)));
+  auto e = KJ_ASSERT_NONNULL(test::failureIfAny(env, req.body->write("hello", 5)));
   KJ_EXPECT(e.getType() == Type::DISCONNECTED, e);
   KJ_EXPECT(kj::runCatchingExceptions([&]() { env.bounded(req.body->write("a", 1)); }) != nullptr);
   req.body = nullptr;
@@ -906,7 +882,7 @@ KJ_TEST("sound: the bodiless request body is one shared object for fetcher and p
     KJ_EXPECT(fromFetcher.get() == fromPool.get());
     KJ_EXPECT(fromFetcher.get() == StreamFetcher::bodilessRequestBody().get());
     env.bounded(fromFetcher->write("", 0));
-    auto e = KJ_ASSERT_NONNULL(outcomeOf(env, fromPool->write("x", 1)));
+    auto e = KJ_ASSERT_NONNULL(test::failureIfAny(env, fromPool->write("x", 1)));
     KJ_EXPECT(e.getType() == Type::FAILED && contains(e.getDescription(), "expectedBodySize"), e);
   }
   // Everything else is gone; the body still works (and its failures need no event loop to exist).

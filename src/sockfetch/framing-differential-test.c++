@@ -45,27 +45,7 @@ using State = StreamFetcher::State;
 constexpr kj::StringPtr MARKER = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nNEXT"_kj;
 constexpr kj::StringPtr SMUGGLED = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"_kj;
 
-// =================================================================================================
-// Deterministic PRNG (splitmix64).
-
-class Rng {
-public:
-  explicit Rng(uint64_t seed): state(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
-
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  uint32_t below(uint32_t n) { return n == 0 ? 0 : uint32_t(next() % n); }
-  bool chance(unsigned percent) { return below(100) < percent; }
-  template <typename T, size_t N>
-  const T& pick(const T (&a)[N]) { return a[below(N)]; }
-
-private:
-  uint64_t state;
-};
+using test::Rng;
 
 // =================================================================================================
 // Cases

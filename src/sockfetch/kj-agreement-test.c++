@@ -53,24 +53,7 @@ constexpr kj::StringPtr MARKER = "HTTP/1.1 299 Marker\r\nContent-Length: 4\r\n\r
 // =================================================================================================
 // Helpers
 
-class Rng {
-  // splitmix64: deterministic for a seed.
-public:
-  explicit Rng(uint64_t seed): state(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  uint32_t below(uint32_t n) { return n == 0 ? 0 : uint32_t(next() % n); }
-  bool chance(unsigned percent) { return below(100) < percent; }
-  template <typename T, size_t N>
-  const T& pick(const T (&a)[N]) { return a[below(N)]; }
-
-private:
-  uint64_t state;
-};
+using test::Rng;
 
 kj::String escape(kj::ArrayPtr<const char> bytes, size_t max = 300) {
   return quoteBytes(bytes, max);
@@ -964,30 +947,7 @@ KJ_TEST("fixed, was: a Content-Length of exactly 10^18 is refused saying \"value
 // =================================================================================================
 // 3. Early answers
 
-kj::Maybe<size_t> bytesBeforeEnd(test::LoopEnv& env, kj::AsyncIoStream& stream) {
-  // Reads what the client still sends until its side ends (FIN, reset, or a pipe's end): how
-  // many bytes came, or null if it did not end within env.limit.
-  auto buffer = kj::heapArray<kj::byte>(1 << 16);
-  size_t total = 0;
-  auto deadline = env.timer.now() + env.limit;
-  while (env.timer.now() < deadline) {
-    auto read = kj::evalNow([&]() { return stream.tryRead(buffer.begin(), 1, buffer.size()); });
-    auto n = read.then([](size_t n) -> int64_t { return n; },
-                       [](kj::Exception&& e) -> int64_t {
-      return e.getType() == Type::DISCONNECTED ? 0 : -2;
-    }).exclusiveJoin(env.timer.afterDelay(deadline - env.timer.now()).then([]() -> int64_t {
-      return -1;
-    })).wait(env.ws);
-    if (n == 0) return total;
-    if (n < 0) return nullptr;
-    total += n;
-  }
-  return nullptr;
-}
-
-kj::Maybe<kj::Exception> outcomeOf(test::LoopEnv& env, kj::Promise<void> promise) {
-  return kj::runCatchingExceptions([&]() { env.bounded(kj::mv(promise)); });
-}
+using test::bytesBeforeEnd;
 
 constexpr kj::StringPtr EARLY_413 =
     "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig"_kj;
@@ -1027,7 +987,7 @@ KJ_TEST("fixed, was: on a stream without a descriptor (a pipe; kj-tls's TlsConne
       KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
       r.body = nullptr;
       KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.why());
-      KJ_EXPECT(outcomeOf(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
+      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
       env.bounded(req.body->write("0123456789", 10));  // discarded
       if (tcp) {
         // Some of the body was in the socket buffers before the answer: only the end matters.
@@ -1068,8 +1028,8 @@ KJ_TEST("sound: an early answer with `Connection: close` or HTTP/1.0 while a bod
       auto r = env.bounded(kj::mv(req.response));
       KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
       KJ_EXPECT(env.fetcher->getCloseKind() == c.kind, env.fetcher->getCloseKind(), env.why());
-      KJ_EXPECT(outcomeOf(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
-      KJ_EXPECT(outcomeOf(env, writeAll(*req.body, big.asPtr().asConst())) == nullptr,
+      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
+      KJ_EXPECT(test::failureIfAny(env, writeAll(*req.body, big.asPtr().asConst())) == nullptr,
           "a later write was not discarded");
       req.body = nullptr;  // a chunked body's terminator: never sent
       r.body = nullptr;
@@ -1088,7 +1048,7 @@ KJ_TEST("sound: a chunked body with a write in flight when the answer came: drop
   auto sent = env.peer->sendLater(EARLY_413).eagerlyEvaluate([](kj::Exception&&) {});
   auto r = env.bounded(kj::mv(req.response));
   KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
-  KJ_EXPECT(outcomeOf(env, kj::mv(write)) == nullptr);
+  KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr);
   KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.why());
   req.body = nullptr;
   r.body = nullptr;
@@ -1218,7 +1178,7 @@ KJ_TEST("sound: exchanges NOT answered early keep every write and the connection
           auto sent = env.peer->sendLater(answer).eagerlyEvaluate([](kj::Exception&&) {});
           auto r = env.bounded(kj::mv(req.response));
           env.bounded(r.body->readAllText());
-          KJ_EXPECT(outcomeOf(env, kj::mv(write)) == nullptr);
+          KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr);
           r.body = nullptr;
           KJ_EXPECT(env.fetcher->getState() == State::IDLE, env.why());
           env.roundTrip();

@@ -491,5 +491,28 @@ kj::String pathOf(kj::StringPtr request) {
   return kj::heapString(request.slice(start).begin(), end - start);
 }
 
+kj::Maybe<kj::Exception> failureIfAny(LoopEnv& env, kj::Promise<void> promise) {
+  return kj::runCatchingExceptions([&]() { env.bounded(kj::mv(promise)); });
+}
+
+kj::Maybe<size_t> bytesBeforeEnd(LoopEnv& env, kj::AsyncIoStream& stream) {
+  auto buffer = kj::heapArray<kj::byte>(1 << 16);
+  size_t total = 0;
+  auto deadline = env.timer.now() + env.limit;
+  while (env.timer.now() < deadline) {
+    auto read = kj::evalNow([&]() { return stream.tryRead(buffer.begin(), 1, buffer.size()); });
+    auto n = read.then([](size_t n) -> int64_t { return n; },
+                       [](kj::Exception&& e) -> int64_t {
+      return e.getType() == kj::Exception::Type::DISCONNECTED ? 0 : -2;
+    }).exclusiveJoin(env.timer.afterDelay(deadline - env.timer.now()).then([]() -> int64_t {
+      return -1;
+    })).wait(env.ws);
+    if (n == 0) return total;
+    if (n < 0) return nullptr;
+    total += n;
+  }
+  return nullptr;
+}
+
 }  // namespace test
 }  // namespace sockfetch

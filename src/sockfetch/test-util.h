@@ -166,6 +166,33 @@ struct PipeProxyEnv: public LoopEnv {
   }
 };
 
+kj::Maybe<kj::Exception> failureIfAny(LoopEnv& env, kj::Promise<void> promise);
+// Waits (bounded by env.limit) for `promise`: null if it succeeded, else why it failed (a hang
+// is a failure too: "timed out").
+
+kj::Maybe<size_t> bytesBeforeEnd(LoopEnv& env, kj::AsyncIoStream& stream);
+// Reads what the other side still sends until its side ends (FIN, reset, or a pipe's end): how
+// many bytes came, or null if it did not end within env.limit.
+
+class Rng {
+  // A deterministic PRNG (splitmix64), for seeded generated tests.
+public:
+  explicit Rng(uint64_t seed): state(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  uint32_t below(uint32_t n) { return n == 0 ? 0 : uint32_t(next() % n); }
+  bool chance(unsigned percent) { return below(100) < percent; }
+  template <typename T, size_t N>
+  const T& pick(const T (&a)[N]) { return a[below(N)]; }
+
+private:
+  uint64_t state;
+};
+
 kj::Own<kj::AsyncIoStream> tlsLike(kj::Own<kj::AsyncIoStream> inner);
 // Wraps a stream the way kj's TLS stream behaves where it matters to sockfetch: it exposes the
 // inner descriptor (whose bytes are not its bytes), reads ahead into a buffer of its own, and
