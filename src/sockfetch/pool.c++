@@ -450,9 +450,11 @@ public:
       // A server may answer before reading the body. The write then goes on with the response
       // body (the fetcher discards what is left of it once the answer is read) rather than being
       // dropped with this attempt as the answer arrives, which would cut the request short and
-      // count its connection as abandoned.
+      // count its connection as abandoned. The attempt goes with it: it holds the bytes the
+      // write reads (and outlives the write: attachments go in order).
       response = response.then([self = kj::addRef(*this)](Response&& r) mutable {
-        r.body = r.body.attach(kj::mv(self->bodyWrite));
+        auto write = kj::mv(self->bodyWrite);
+        r.body = r.body.attach(kj::mv(write), kj::mv(self));
         return kj::mv(r);
       });
     }
