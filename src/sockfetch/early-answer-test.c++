@@ -6,6 +6,7 @@
 #include <sockfetch/kj-compat.h>
 #include <sockfetch/pool.h>
 #include <sockfetch/stream-fetcher.h>
+#include <sockfetch/test-util.h>
 
 #include <kj/compat/tls.h>
 #include <stdlib.h>
@@ -67,25 +68,8 @@ struct Env {
   }
 };
 
-constexpr kj::StringPtr KEY =
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgwOnSBzvrvqcdgwc/\n"
-    "bPvPr5FIur8MW07aJZeZW1vxBuyhRANCAASAj3eMBvnk1iYoxoLp+ROYJrN0nHIG\n"
-    "0A8H7rdX4FdH2zAPMZcTs4TN+6mSJwDEpZ+Y6ZoVibKBXU2dI2KrRl5A\n"
-    "-----END PRIVATE KEY-----\n"_kj;
-constexpr kj::StringPtr CERT =
-    "-----BEGIN CERTIFICATE-----\n"
-    "MIIBlTCCATugAwIBAgIUbBVu8piqebL14LzfOVbpe1rygpAwCgYIKoZIzj0EAwIw\n"
-    "FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNzA0NTk0MVoYDzIxMjYxMTAz\n"
-    "MDQ1OTQxWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\n"
-    "PQMBBwNCAASAj3eMBvnk1iYoxoLp+ROYJrN0nHIG0A8H7rdX4FdH2zAPMZcTs4TN\n"
-    "+6mSJwDEpZ+Y6ZoVibKBXU2dI2KrRl5Ao2kwZzAdBgNVHQ4EFgQUfDCUAQfpHrCx\n"
-    "QAyUBQ9OUdPmHdowHwYDVR0jBBgwFoAUfDCUAQfpHrCxQAyUBQ9OUdPmHdowDwYD\n"
-    "VR0TAQH/BAUwAwEB/zAUBgNVHREEDTALgglsb2NhbGhvc3QwCgYIKoZIzj0EAwID\n"
-    "SAAwRQIgVpBKSZRffVy9ovRZ4EjBpVFS5vhh49e/PF++677pvN8CIQDqV35r5OUm\n"
-    "RYV+ms7tVxdxaFj8baNWt7wWPmc8OUlJ3Q==\n"
-    "-----END CERTIFICATE-----\n"_kj;
-// The self-signed "localhost" certificate of tls-test (valid until 2126).
+using test::KEY;
+using test::CERT;
 
 struct TlsContexts {
   // A server context with the test keypair, and a client context that trusts only it.

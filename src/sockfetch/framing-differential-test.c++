@@ -789,20 +789,6 @@ struct Env: public test::LoopEnv {
   Env() { limit = 3 * kj::SECONDS; }
 };
 
-kj::Promise<void> readHeadFrom(kj::AsyncIoStream& s, kj::Vector<char>& buf) {
-  // Reads until `buf` holds a complete request head (the requests here have no body).
-  for (size_t i = 0; i + 4 <= buf.size(); i++) {
-    if (memcmp(buf.begin() + i, "\r\n\r\n", 4) == 0) return kj::READY_NOW;
-  }
-  auto chunk = kj::heapArray<char>(1024);
-  auto ptr = chunk.begin();
-  return kj::evalNow([&]() { return s.tryRead(ptr, 1, 1024); })
-      .then([&s, &buf, chunk = kj::mv(chunk)](size_t n) mutable -> kj::Promise<void> {
-    if (n == 0) return KJ_EXCEPTION(DISCONNECTED, "the client closed before a request head");
-    buf.addAll(chunk.begin(), chunk.begin() + n);
-    return readHeadFrom(s, buf);
-  });
-}
 
 struct First {
   kj::Maybe<kj::Exception> error;
@@ -858,7 +844,7 @@ Outcome runCase(Env& env, const Case& c) {
   auto req = fetcher->request(c.method, "/first", env.headers());
   req.body = nullptr;
   kj::Vector<char> requestBytes;
-  env.bounded(readHeadFrom(*server, requestBytes));
+  env.bounded(test::readHeadInto(*server, requestBytes));
 
   bool sendDone = false;
   auto bytes = c.bytes.asPtr().asBytes();
@@ -914,7 +900,7 @@ Outcome runCase(Env& env, const Case& c) {
     r2.body = nullptr;
     kj::Vector<char> buf2;
     auto& s = *server;
-    auto serve = readHeadFrom(s, buf2).then([&s]() {
+    auto serve = test::readHeadInto(s, buf2).then([&s]() {
       return writeAll(s, MARKER.asBytes());
     }).eagerlyEvaluate([](kj::Exception&&) {});
     auto second = env.bounded(readResponse(kj::mv(r2.response)));

@@ -64,20 +64,6 @@ bool fromKjHttp(const kj::Exception& e) {
   return kj::StringPtr(e.getFile()).endsWith("compat/http.c++");
 }
 
-kj::Promise<void> readHeadFrom(kj::AsyncIoStream& s, kj::Vector<char>& buf) {
-  // Reads from `s` until `buf` holds a whole request head.
-  for (size_t i = 0; i + 4 <= buf.size(); i++) {
-    if (memcmp(buf.begin() + i, "\r\n\r\n", 4) == 0) return kj::READY_NOW;
-  }
-  auto chunk = kj::heapArray<char>(1024);
-  auto ptr = chunk.begin();
-  return kj::evalNow([&]() { return s.tryRead(ptr, 1, 1024); })
-      .then([&s, &buf, chunk = kj::mv(chunk)](size_t n) mutable -> kj::Promise<void> {
-    if (n == 0) return KJ_EXCEPTION(DISCONNECTED, "the client closed before a request head");
-    buf.addAll(chunk.begin(), chunk.begin() + n);
-    return readHeadFrom(s, buf);
-  });
-}
 
 struct Read {
   // What reading one response (head and body to its end) gave.
@@ -144,7 +130,7 @@ KjOutcome viaKjClient(Env& env, kj::HttpMethod method, kj::ArrayPtr<const char> 
   auto req = client->request(method, "/first", env.headers());
   req.body = nullptr;
   kj::Vector<char> head;
-  env.bounded(readHeadFrom(server, head));
+  env.bounded(test::readHeadInto(server, head));
   auto copy = kj::heapArray<char>(bytes);
   kj::Promise<void> sending = writeAll(server, copy.asBytes().asConst())
       .eagerlyEvaluate([](kj::Exception&&) {});
@@ -202,7 +188,7 @@ FetcherOutcome viaFetcher(Env& env, kj::HttpMethod method, kj::ArrayPtr<const ch
   auto req = fetcher->request(method, "/first", env.headers());
   req.body = nullptr;
   kj::Vector<char> head;
-  env.bounded(readHeadFrom(server, head));
+  env.bounded(test::readHeadInto(server, head));
   auto copy = kj::heapArray<char>(bytes);
   bool sent = false;
   kj::Promise<void> sending = writeAll(server, copy.asBytes().asConst())
@@ -231,7 +217,7 @@ FetcherOutcome viaFetcher(Env& env, kj::HttpMethod method, kj::ArrayPtr<const ch
   auto& r2 = KJ_ASSERT_NONNULL(second);
   r2.body = nullptr;
   kj::Vector<char> head2;
-  auto serve = readHeadFrom(server, head2).then([&server]() {
+  auto serve = test::readHeadInto(server, head2).then([&server]() {
     return writeAll(server, MARKER.asBytes());
   }).eagerlyEvaluate([](kj::Exception&&) {});
   auto n = env.bounded(readResponse(kj::mv(r2.response)));

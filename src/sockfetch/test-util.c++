@@ -491,6 +491,20 @@ kj::String pathOf(kj::StringPtr request) {
   return kj::heapString(request.slice(start).begin(), end - start);
 }
 
+kj::Promise<void> readHeadInto(kj::AsyncIoStream& stream, kj::Vector<char>& buffer) {
+  for (size_t i = 0; i + 4 <= buffer.size(); i++) {
+    if (memcmp(buffer.begin() + i, "\r\n\r\n", 4) == 0) return kj::READY_NOW;
+  }
+  auto chunk = kj::heapArray<char>(1024);
+  auto ptr = chunk.begin();
+  return kj::evalNow([&]() { return stream.tryRead(ptr, 1, 1024); })
+      .then([&stream, &buffer, chunk = kj::mv(chunk)](size_t n) mutable -> kj::Promise<void> {
+    if (n == 0) return KJ_EXCEPTION(DISCONNECTED, "the client closed before a request head");
+    buffer.addAll(chunk.begin(), chunk.begin() + n);
+    return readHeadInto(stream, buffer);
+  });
+}
+
 kj::Maybe<kj::Exception> failureIfAny(LoopEnv& env, kj::Promise<void> promise) {
   return kj::runCatchingExceptions([&]() { env.bounded(kj::mv(promise)); });
 }
