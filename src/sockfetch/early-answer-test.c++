@@ -6,6 +6,7 @@
 #include <sockfetch/kj-compat.h>
 #include <sockfetch/pool.h>
 #include <sockfetch/stream-fetcher.h>
+#include <sockfetch/test-tls.h>
 #include <sockfetch/test-util.h>
 
 #include <kj/compat/tls.h>
@@ -68,26 +69,8 @@ struct Env {
   }
 };
 
-using test::KEY;
-using test::CERT;
 
-struct TlsContexts {
-  // A server context with the test keypair, and a client context that trusts only it.
-  kj::Own<kj::TlsContext> server;
-  kj::Own<kj::TlsContext> client;
-
-  TlsContexts() {
-    kj::TlsContext::Options serverOptions;
-    kj::TlsKeypair keypair{kj::TlsPrivateKey(KEY), kj::TlsCertificate(CERT)};
-    serverOptions.defaultKeypair = keypair;
-    server = kj::heap<kj::TlsContext>(kj::mv(serverOptions));
-    kj::TlsContext::Options clientOptions;
-    kj::TlsCertificate trusted(CERT);
-    clientOptions.useSystemTrustStore = false;
-    clientOptions.trustedCertificates = kj::arrayPtr(&trusted, 1);
-    client = kj::heap<kj::TlsContext>(kj::mv(clientOptions));
-  }
-};
+using test::TlsContexts;
 
 
 // A server over a stream: reads a head, then Content-Length bytes of body, answers "ok", again.

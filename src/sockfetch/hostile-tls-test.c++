@@ -12,6 +12,7 @@
 #include "stream-fetcher.h"
 
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/test-tls.h>
 #include <sockfetch/test-util.h>
 
 #include <kj/compat/tls.h>
@@ -29,29 +30,11 @@ namespace {
 using test::contains;
 using test::Peer;
 
-using test::KEY;
-using test::CERT;
 
 constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
 constexpr kj::StringPtr POISON = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"_kj;
 
-struct TlsContexts {
-  // A server context with the test keypair, and a client context that trusts only it.
-  kj::Own<kj::TlsContext> server;
-  kj::Own<kj::TlsContext> client;
-
-  TlsContexts() {
-    kj::TlsContext::Options serverOptions;
-    kj::TlsKeypair keypair{kj::TlsPrivateKey(KEY), kj::TlsCertificate(CERT)};
-    serverOptions.defaultKeypair = keypair;
-    server = kj::heap<kj::TlsContext>(kj::mv(serverOptions));
-    kj::TlsContext::Options clientOptions;
-    kj::TlsCertificate trusted(CERT);
-    clientOptions.useSystemTrustStore = false;
-    clientOptions.trustedCertificates = kj::arrayPtr(&trusted, 1);
-    client = kj::heap<kj::TlsContext>(kj::mv(clientOptions));
-  }
-};
+using test::TlsContexts;
 
 class WriteWatch final: public kj::AsyncIoStream {
   // Sits between the server's TLS layer and its socket, and counts the writes that reached the

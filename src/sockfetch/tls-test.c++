@@ -1,6 +1,7 @@
 #include "stream-fetcher.h"
 
 #include <sockfetch/kj-compat.h>
+#include <sockfetch/test-tls.h>
 #include <sockfetch/test-util.h>
 
 #include <kj/compat/tls.h>
@@ -14,8 +15,6 @@ namespace {
 // reads the socket ahead of what it returns and reports reads several events late, so it is
 // watched like any wrapped stream, never by asking the kernel.
 
-using test::KEY;
-using test::CERT;
 
 constexpr kj::StringPtr OK_HELLO = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"_kj;
 
@@ -25,26 +24,15 @@ struct TlsEnv {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   kj::WaitScope& ws = io.waitScope;
   kj::Timer& timer = io.provider->getTimer();
-  kj::Own<kj::TlsContext> serverTls;
-  kj::Own<kj::TlsContext> clientTls;
+  test::TlsContexts tls;
   kj::HttpHeaderTable table;
   kj::Own<StreamFetcher> fetcher;
   kj::Own<test::Peer> peer;
 
   TlsEnv() {
-    kj::TlsContext::Options serverOptions;
-    kj::TlsKeypair keypair{kj::TlsPrivateKey(KEY), kj::TlsCertificate(CERT)};
-    serverOptions.defaultKeypair = keypair;
-    serverTls = kj::heap<kj::TlsContext>(kj::mv(serverOptions));
-    kj::TlsContext::Options clientOptions;
-    kj::TlsCertificate trusted(CERT);
-    clientOptions.useSystemTrustStore = false;
-    clientOptions.trustedCertificates = kj::arrayPtr(&trusted, 1);
-    clientTls = kj::heap<kj::TlsContext>(kj::mv(clientOptions));
-
     auto transport = test::tcpTransport(io);
-    auto server = serverTls->wrapServer(kj::mv(transport.server));
-    auto client = clientTls->wrapClient(kj::mv(transport.client), "localhost").wait(ws);
+    auto server = tls.server->wrapServer(kj::mv(transport.server));
+    auto client = tls.client->wrapClient(kj::mv(transport.client), "localhost").wait(ws);
     StreamFetcher::Settings settings;
     settings.timer = timer;
     fetcher = kj::heap<StreamFetcher>(kj::mv(client), table, kj::mv(settings));
