@@ -656,10 +656,9 @@ Pair both(kj::HttpMethod method, kj::StringPtr bytes) {
   return p;
 }
 
-KJ_TEST("fixed, was: `Transfer-Encoding: identity`, which kj-http 0.9.2 reads as a body "
-        "delimited by the "
-        "end of the connection (Content-Length or not), is refused as a coding \"kj-http cannot "
-        "decode\": a lost response, and a false reason") {
+KJ_TEST("fixed, was: `Transfer-Encoding: identity`, which kj-http 0.9.2 reads as a body delimited "
+        "by the end of the connection (Content-Length or not), is refused as a coding \"kj-http "
+        "cannot decode\": a lost response, and a false reason") {
   // kj-http 0.9.2's getEntityBody() takes `identity` (any case) as "read to the end of the
   // stream", before it looks at Content-Length (the reference below shows it). Expected: the
   // fetcher delivers the response as kj-http does (status and body), and does not reuse the
@@ -683,8 +682,7 @@ KJ_TEST("fixed, was: `Transfer-Encoding: identity`, which kj-http 0.9.2 reads as
 }
 
 KJ_TEST("fixed, was: a Content-Length whose digits follow a \\v or \\f, which kj-http's "
-        "strtoull() skips "
-        "as it skips blanks, is refused as invalid: a lost response") {
+        "strtoull() skips as it skips blanks, is refused as invalid: a lost response") {
   // parseHead() says it parses "after skipping leading blanks (kj-http uses strtoull)", but
   // skips only SP and HTAB; strtoull() skips every isspace() byte. kj-http reads these responses
   // and ends them where they end (its next response is the marker). Expected: the fetcher reads
@@ -704,9 +702,8 @@ KJ_TEST("fixed, was: a Content-Length whose digits follow a \\v or \\f, which kj
   }
 }
 
-KJ_TEST("fixed, was: a Content-Length that is only blanks across an obsolete line folding is "
-        "read by the "
-        "framer as 0 (it parses an empty string), while kj-http refuses it: the failure is "
+KJ_TEST("fixed, was: a Content-Length that is only blanks across an obsolete line folding is read "
+        "by the framer as 0 (it parses an empty string), while kj-http refuses it: the failure is "
         "kj-http's \"invalid Content-Length header value\"") {
   // kj-http keeps the blanks of the continuation line ("Content-Length:\r\n \r\n" is three
   // spaces to it), which strtoull() cannot read. parseHead() takes the field for non-empty, then
@@ -741,9 +738,8 @@ KJ_TEST("fixed, was: a Content-Length that is only blanks across an obsolete lin
 }
 
 KJ_TEST("fixed, was: an empty Content-Length or Transfer-Encoding AFTER a non-empty one is not "
-        "absent to "
-        "kj-http (it joins them: \"5, \", \"chunked, \"): the framer ignores it and the failure "
-        "is kj-http's own (\"invalid Content-Length header value\", \"unknown transfer "
+        "absent to kj-http (it joins them: \"5, \", \"chunked, \"): the framer ignores it and the "
+        "failure is kj-http's own (\"invalid Content-Length header value\", \"unknown transfer "
         "encoding\")") {
   // kj::HttpHeaders::addNoCheck() replaces an empty value by a later one, but appends ", " and an
   // empty value to a non-empty one; parseHead() skips every empty value ("even when repeated").
@@ -770,8 +766,8 @@ KJ_TEST("fixed, was: an empty Content-Length or Transfer-Encoding AFTER a non-em
       p.kj.first.describe(), p.fetcher.first.describe());
 }
 
-KJ_TEST("fixed, was: an empty line inside a head (a CR alone before a line's CR LF), which kj-http "
-        "refuses, fails with kj-http's \"The headers sent by the server are not valid.\"") {
+KJ_TEST("fixed, was: an empty line inside a head (a CR alone before a line's CR LF), which "
+        "kj-http refuses, fails with kj-http's \"The headers sent by the server are not valid.\"") {
   // kj-http ends a line at a CR alone, and then finds no field name at the CR LF that follows.
   // The framer skips the empty line, and findFieldKjRefuses() looks at field lines only.
   // Expected: the failure names the fault in sockfetch's words (as it does a field name kj-http
@@ -804,9 +800,8 @@ KJ_TEST("fixed, was: a NUL in the status line's reason phrase, which kj-http ref
 }
 
 KJ_TEST("fixed, was: a response with `Content-Type: multipart/byteranges` and no framing field, "
-        "which "
-        "kj-http refuses, fails in kj-http's words (\"refusing to handle multipart/byteranges "
-        "response ...\")") {
+        "which kj-http refuses, fails in kj-http's words (\"refusing to handle "
+        "multipart/byteranges response ...\")") {
   // kj-http 0.9.2 refuses a multipart/byteranges body delimited by the end of the connection
   // (RFC 2616 let such a body delimit itself). The framer takes it for a body read to the end.
   // Expected: the framer refuses it first, in sockfetch's words (saying what the server should
@@ -886,10 +881,9 @@ KJ_TEST("fixed, was: findFieldKjRefuses() misses a field whose colon is on a con
   }
 }
 
-KJ_TEST("fixed, was: `Transfer-Encoding: chunked` beside a Content-Length the framer cannot "
-        "parse (listed, "
-        "invalid, signed, too large) is reused, while beside a valid one it is not: the library's "
-        "own rule against conflicting framing is bypassed by the more suspicious case") {
+KJ_TEST("fixed, was: `Transfer-Encoding: chunked` beside a Content-Length the framer cannot parse "
+        "(listed, invalid, signed, too large) is reused, while beside a valid one it is not: the "
+        "library's own rule against conflicting framing is bypassed by the more suspicious case") {
   // Since this change, Content-Length errors are deferred and dropped when Transfer-Encoding
   // frames the body; but head.conflictingFraming is set only when a Content-Length PARSED
   // (`contentLength != nullptr`). Before this change all four were refused outright. RFC 9112
@@ -946,10 +940,9 @@ kj::Array<kj::byte> bigBody() {
 }
 
 KJ_TEST("fixed, was: on a stream without a descriptor (a pipe; kj-tls's TlsConnection, which "
-        "exposes none), "
-        "an early answer that cancels a body write in flight leaves the connection open while the "
-        "caller keeps the body: the server never sees it end, though the fetcher (and a pool) "
-        "stopped counting it") {
+        "exposes none), an early answer that cancels a body write in flight leaves the connection "
+        "open while the caller keeps the body: the server never sees it end, though the fetcher "
+        "(and a pool) stopped counting it") {
   // FramedStream::trackWrite() leaves a cancelled write counted in flight ("the connection is
   // then in an unknown state"), and shutdownNow() leaves a stream without a descriptor alone
   // while writesInFlight > 0 ("kj refuses that"). But succeed() cancelled that write itself, so
@@ -973,7 +966,8 @@ KJ_TEST("fixed, was: on a stream without a descriptor (a pipe; kj-tls's TlsConne
       KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
       r.body = nullptr;
       KJ_EXPECT(env.fetcher->getCloseKind() == Kind::REQUEST_INCOMPLETE, env.why());
-      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
+      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr,
+          "the write in flight did not complete");
       env.bounded(req.body->write("0123456789", 10));  // discarded
       if (tcp) {
         // Some of the body was in the socket buffers before the answer: only the end matters.
@@ -1014,7 +1008,8 @@ KJ_TEST("sound: an early answer with `Connection: close` or HTTP/1.0 while a bod
       auto r = env.bounded(kj::mv(req.response));
       KJ_EXPECT(env.bounded(r.body->readAllText()) == "big");
       KJ_EXPECT(env.fetcher->getCloseKind() == c.kind, env.fetcher->getCloseKind(), env.why());
-      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr, "the write in flight did not complete");
+      KJ_EXPECT(test::failureIfAny(env, kj::mv(write)) == nullptr,
+          "the write in flight did not complete");
       KJ_EXPECT(test::failureIfAny(env, writeAll(*req.body, big.asPtr().asConst())) == nullptr,
           "a later write was not discarded");
       req.body = nullptr;  // a chunked body's terminator: never sent
@@ -1123,9 +1118,8 @@ KJ_TEST("sound: ConnectionPool, a buffered body (written by the pool with writeA
 }
 
 KJ_TEST("fixed, was: ConnectionPool, a buffered body answered early is counted as `abandoned` "
-        "(\"a body "
-        "dropped early, a request cancelled\"), not as request_incomplete or connection_close: "
-        "the pool drops its own body write when the response head arrives") {
+        "(\"a body dropped early, a request cancelled\"), not as request_incomplete or "
+        "connection_close: the pool drops its own body write when the response head arrives") {
   // ConnectionPool::request() attaches the Attempt (which holds `bodyWrite`, the writeAll of the
   // buffered body, with the fetcher's RequestBody attached) to the response promise. When the
   // early answer's head arrives, the promise resolves, the Attempt goes, and with it the body
@@ -1469,8 +1463,7 @@ KJ_TEST("sound: tunnelConnector's target: host:port and [v6]:port with a port fr
 }
 
 KJ_TEST("fixed, was: tunnelConnector takes targets with an empty or unbalanced bracketed host "
-        "(\"[]:443\", "
-        "\"[:443\", \"]:443\", \"[host:443\") as host:port") {
+        "(\"[]:443\", \"[:443\", \"]:443\", \"[host:443\") as host:port") {
   // isHostAndPort() refuses an empty host, but "[]" (two bytes) is neither "bracketed" (it wants
   // more than two) nor has a colon, so it passes as a host; so do hosts with one bracket. Each is
   // a CONNECT target no proxy can take (RFC 3986 3.2.2: an IP-literal is "[" ... "]" around an

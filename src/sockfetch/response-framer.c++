@@ -179,8 +179,7 @@ kj::Exception malformed(kj::StringPtr what) {
 kj::Exception notHttp(kj::ArrayPtr<const char> firstLine) {
   return KJ_EXCEPTION(FAILED, kj::str("the server's answer is not HTTP/1.x (it began with ",
       firstLine.size() > 0 ? quoteBytes(firstLine, NOT_HTTP_SHOWN) : kj::str("an empty line"),
-      "); the "
-      "connection was dropped, check that the upstream address is an HTTP server"));
+      "); the connection was dropped, check that the upstream address is an HTTP server"));
 }
 
 kj::Exception overLimit(kj::StringPtr what, kj::StringPtr setting, size_t limit) {
@@ -835,21 +834,22 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
       found = kj::str("a field name continued on the next line in ", quoteBytes(line));
       return;
     }
+    size_t valueStart = nameEnd + 1;
+    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
     auto name = line.slice(0, nameEnd);
     if (equalsIgnoreCase(name, "content-length"_kj) ||
         equalsIgnoreCase(name, "transfer-encoding"_kj)) {
-      framed = framed || trim(line.slice(nameEnd + 1, line.size())).size() > 0;  // (empty: none)
+      framed = framed || trim(line.slice(valueStart, line.size())).size() > 0;  // (empty: none)
     } else if (name.size() == 12 && equalsIgnoreCase(name, "content-type"_kj)) {
       // kj-http joins repeated fields: the first non-empty one starts the value it looks at.
-      auto value = trim(line.slice(nameEnd + 1, line.size()));
+      auto value = trim(line.slice(valueStart, line.size()));
       if (!sawContentType && value.size() > 0) {
         sawContentType = true;
         byteranges = value.size() >= 20 &&
             equalsIgnoreCase(value.slice(0, 20), "multipart/byteranges"_kj);
       }
     }
-    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
-    for (char c: line.slice(0, nameEnd)) {
+    for (char c: name) {
       // What kj-http takes for a field name: any byte but controls, DEL and RFC 2616's
       // separators (so bytes above 0x7f too).
       unsigned char u = c;
