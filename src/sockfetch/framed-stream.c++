@@ -116,7 +116,9 @@ kj::Promise<size_t> tryReadSafely(kj::AsyncIoStream& stream, void* buffer, size_
 kj::Exception readFailure(kj::Exception&& e) {
   // A read of the connection failed while a response was read (a reset, a TLS error): said as
   // such, since kj's own words ("::read(fd, buffer, maxBytes): Connection reset by peer") do not
-  // say what it meant.
+  // say what it meant. The framer's own refusals (a head over its limit, found as space for the
+  // read is asked for) say it already.
+  if (kj::StringPtr(e.getFile()).endsWith("response-framer.c++")) return kj::mv(e);
   return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection failed while "
       "the response was read (", e.getDescription(), "), so the response is incomplete; retry on "
       "a new connection if the request is safe to repeat"));

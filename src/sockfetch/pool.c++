@@ -415,8 +415,7 @@ public:
       started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle, or
-      // it was lost between being handed out and now), so a new connection may carry it, unless
-      // the refusal was FAILED (the server speaks first: it is not HTTP).
+      // it was lost between being handed out and now), so a new connection may carry it.
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
     }
     connection->countUse();
