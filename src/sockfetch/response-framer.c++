@@ -338,13 +338,7 @@ void ResponseFramer::parseEof() {
     case State::IDLE:
       return;
     case State::HEAD:
-      if (!startsLikeStatusLine()) {
-        auto chars = reinterpret_cast<const char*>(buffer.begin());
-        auto shown = kj::arrayPtr(chars + lineStart,
-            kj::min(end - lineStart, NOT_HTTP_SHOWN + 1));
-        kj::throwFatalException(notHttp(kj::arrayPtr(shown.begin(),
-            findCrOrLf(shown.begin(), shown.end()))));
-      }
+      if (!startsLikeStatusLine()) kj::throwFatalException(notHttp(firstLineSoFar()));
       if (end == begin && !headParsed) {
         kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
             "the server closed the connection without sending a response; retry on a new "
@@ -588,6 +582,14 @@ bool ResponseFramer::startsLikeStatusLine() {
   return true;
 }
 
+kj::ArrayPtr<const char> ResponseFramer::firstLineSoFar() const {
+  // The head's first line as far as it came, up to its line end, and at most one byte more than
+  // an error shows (for quoteBytes() to mark the cut).
+  auto chars = reinterpret_cast<const char*>(buffer.begin());
+  auto window = kj::arrayPtr(chars + lineStart, kj::min(end - lineStart, NOT_HTTP_SHOWN + 1));
+  return kj::arrayPtr(window.begin(), findCrOrLf(window.begin(), window.end()));
+}
+
 bool ResponseFramer::parseHeaderBlock() {
   // Looks for the blank line that ends the header block starting at `lineStart`.
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
@@ -595,14 +597,12 @@ bool ResponseFramer::parseHeaderBlock() {
     // Not HTTP/1.x: refused once its first line is complete (or long enough to show), rather
     // than when a head that may never come is (a server speaking another protocol may wait for
     // us forever). Shown the same way however the bytes arrived.
-    // (One byte more than is shown, for quoteBytes() to mark the cut.)
-    auto shown = kj::arrayPtr(chars + lineStart, kj::min(end - lineStart, NOT_HTTP_SHOWN + 1));
-    auto lineEnd = findCrOrLf(shown.begin(), shown.end());
-    if (lineEnd == shown.end() && shown.size() <= NOT_HTTP_SHOWN) {
-      parsed = end;
+    auto line = firstLineSoFar();
+    if (line.size() == end - lineStart && line.size() <= NOT_HTTP_SHOWN) {
+      parsed = end;  // no line end yet, and not long enough to show
       return false;
     }
-    kj::throwFatalException(notHttp(kj::arrayPtr(shown.begin(), lineEnd)));
+    kj::throwFatalException(notHttp(line));
   }
   size_t scan = parsed > lineStart + 3 ? parsed - 3 : lineStart;
   for (;;) {

@@ -213,6 +213,7 @@ private:
   void parse();
   void parseEof();
   bool startsLikeStatusLine();
+  kj::ArrayPtr<const char> firstLineSoFar() const;
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);
