@@ -322,7 +322,7 @@ void FramedStream::beginExchange(kj::HttpMethod method) {
   mode = Mode::EXCHANGE;
   idleListener = nullptr;
   gateLoss = nullptr;
-  framer.start(method);
+  framer.start(method, carriedExchange);
   writesInFlight = 0;
   writesCompleted = 0;
   chunkedTerminatorWritten = false;

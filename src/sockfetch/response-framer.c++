@@ -55,6 +55,17 @@ inline bool equalsIgnoreCase(kj::ArrayPtr<const char> a, kj::StringPtr lowerCase
   return true;
 }
 
+bool isFieldName(kj::ArrayPtr<const char> name) {
+  // What kj-http takes for a field name: one or more of any byte but controls, DEL and RFC 2616's
+  // separators (so bytes above 0x7f too).
+  if (name.size() == 0) return false;
+  for (char c: name) {
+    unsigned char u = c;
+    if (u <= ' ' || u == 0x7f || strchr("()<>@,;:\\\"/[]?={}", c) != nullptr) return false;
+  }
+  return true;
+}
+
 inline kj::ArrayPtr<const char> trim(kj::ArrayPtr<const char> s) {
   size_t b = 0, e = s.size();
   while (b < e && (s[b] == ' ' || s[b] == '\t' || s[b] == '\r')) b++;
@@ -176,12 +187,6 @@ kj::Exception malformed(kj::StringPtr what) {
           "); the connection was dropped, check the upstream server"));
 }
 
-kj::Exception notHttp(kj::ArrayPtr<const char> firstLine) {
-  return KJ_EXCEPTION(FAILED, kj::str("the server's answer is not HTTP/1.x (it began with ",
-      firstLine.size() > 0 ? quoteBytes(firstLine, NOT_HTTP_SHOWN) : kj::str("an empty line"),
-      "); the connection was dropped, check that the upstream address is an HTTP server"));
-}
-
 kj::Exception overLimit(kj::StringPtr what, kj::StringPtr setting, size_t limit) {
   // A response over one of the caller's limits: not malformed, but not read either.
   return KJ_EXCEPTION(FAILED, kj::str("the server's response is over a limit: its ", what,
@@ -232,7 +237,7 @@ void refuseRequestTarget(kj::StringPtr url) {
 
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {
   if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
-      (statusLine[7] != '0' && statusLine[7] != '1') || statusLine[8] != ' ') {
+      statusLine[7] < '0' || statusLine[7] > '9' || statusLine[8] != ' ') {
     return nullptr;
   }
   unsigned status = 0;
@@ -252,13 +257,15 @@ ResponseFramer::ResponseFramer(Limits limits): limits(limits) {
   this->limits.maxHeaderBytes = kj::min(this->limits.maxHeaderBytes, KJ_HTTP_MAX_HEADER_BYTES);
 }
 
-void ResponseFramer::start(kj::HttpMethod requestMethod) {
+void ResponseFramer::start(kj::HttpMethod requestMethod, bool connectionCarriedResponses) {
   KJ_REQUIRE(begin == end, "a new response may only be framed on a clean connection");
   begin = limit = parsed = end = messageEnd = lineStart = 0;
   trailerBytes = 0;
+  trailerFieldSeen = false;
   interimResponses = 0;
   remaining = 0;
   method = requestMethod;
+  carriedResponses = connectionCarriedResponses;
   head = Head();
   headParsed = false;
   statusLineStarted = false;
@@ -338,7 +345,7 @@ void ResponseFramer::parseEof() {
     case State::IDLE:
       return;
     case State::HEAD:
-      if (!startsLikeStatusLine()) kj::throwFatalException(notHttp(firstLineSoFar()));
+      if (!startsLikeStatusLine()) kj::throwFatalException(notAStatusLine(firstLineSoFar()));
       if (end == begin && !headParsed) {
         kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
             "the server closed the connection without sending a response; retry on a new "
@@ -397,6 +404,11 @@ kj::Maybe<kj::StringPtr> ResponseFramer::whyNotReusable() const {
   if (head.connectionClose) return "the server sent `Connection: close`"_kj;
   if (head.http10 && !head.keepAlive) {
     return "the server answered with HTTP/1.0 without `Connection: keep-alive`"_kj;
+  }
+  if (head.http10 && head.transferEncoding) {
+    // RFC 9112 6.1: an HTTP/1.0 sender may have kept part of such a message back.
+    return "the server answered with HTTP/1.0 and Transfer-Encoding, which HTTP/1.0 does not "
+        "define, so where its response ends cannot be trusted"_kj;
   }
   if (head.conflictingFraming) {
     return "the response had both Transfer-Encoding and Content-Length"_kj;
@@ -590,6 +602,26 @@ kj::ArrayPtr<const char> ResponseFramer::firstLineSoFar() const {
   return kj::arrayPtr(window.begin(), findCrOrLf(window.begin(), window.end()));
 }
 
+kj::Exception ResponseFramer::notAStatusLine(kj::ArrayPtr<const char> line) const {
+  // The answer should have begun with a status line, and did not. What that says depends on what
+  // this server sent before on the connection.
+  auto shown = line.size() > 0 ? quoteBytes(line, NOT_HTTP_SHOWN) : kj::str("an empty line");
+  if (interimResponses > 0) {
+    return malformed(kj::str("after an interim (1xx) response, the next response began with ",
+        shown, " instead of a status line"));
+  }
+  if (carriedResponses) {
+    return KJ_EXCEPTION(FAILED, kj::str("the server's answer began with ", shown, ", not a "
+        "status line, on a connection that carried earlier responses: most likely the rest of "
+        "an earlier response (a body on a HEAD, 204 or 304, or more than its Content-Length); "
+        "the connection was dropped, retry the request if it is safe to repeat, and stop "
+        "reusing this server's connections (ConnectionPool::Settings::neverReuse) if it "
+        "happens again"));
+  }
+  return KJ_EXCEPTION(FAILED, kj::str("the server's answer is not HTTP/1.x (it began with ", shown,
+      "); the connection was dropped, check that the upstream address is an HTTP server"));
+}
+
 bool ResponseFramer::parseHeaderBlock() {
   // Looks for the blank line that ends the header block starting at `lineStart`.
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
@@ -602,7 +634,7 @@ bool ResponseFramer::parseHeaderBlock() {
       parsed = end;  // no line end yet, and not long enough to show
       return false;
     }
-    kj::throwFatalException(notHttp(line));
+    kj::throwFatalException(notAStatusLine(line));
   }
   size_t scan = parsed > lineStart + 3 ? parsed - 3 : lineStart;
   for (;;) {
@@ -748,6 +780,7 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     }
   });
 
+  head.transferEncoding = hasTransferEncoding;
   if (status < 200 || status == 204 || status == 304 || method == kj::HttpMethod::HEAD) {
     return;  // no body (kj-http reads no framing field then); parseHeaderBlock() completes it
   }
@@ -849,15 +882,9 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
             equalsIgnoreCase(value.slice(0, 20), "multipart/byteranges"_kj);
       }
     }
-    for (char c: name) {
-      // What kj-http takes for a field name: any byte but controls, DEL and RFC 2616's
-      // separators (so bytes above 0x7f too).
-      unsigned char u = c;
-      bool token = u > ' ' && u != 0x7f && strchr("()<>@,;:\\\"/[]?={}", c) == nullptr;
-      if (!token) {
-        found = kj::str("invalid field name in ", quoteBytes(line));
-        return;
-      }
+    if (!isFieldName(name)) {
+      found = kj::str("invalid field name in ", quoteBytes(line));
+      return;
     }
     if (memchr(line.begin(), '\0', line.size()) != nullptr) {
       found = kj::str("a NUL byte in the field ", quoteBytes(line));
@@ -947,6 +974,22 @@ bool ResponseFramer::parseTrailerLine() {
   if (trailerBytes > limits.maxTrailerBytes) {
     kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
         limits.maxTrailerBytes));
+  }
+  bool fold = chars[lineStart] == ' ' || chars[lineStart] == '\t';
+  if (!fold || !trailerFieldSeen) {
+    // A field line (a fold, which begins with a blank, continues the one before it): anything
+    // else is not a trailer but bytes the server should not have sent, a second response perhaps.
+    auto colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
+    auto name = kj::arrayPtr(chars + lineStart, colon == nullptr ? chars + lineStart : colon);
+    while (name.size() > 0 && (name.back() == ' ' || name.back() == '\t')) {
+      name = name.slice(0, name.size() - 1);
+    }
+    if (!isFieldName(name)) {
+      kj::throwFatalException(malformed(kj::str("a line in its trailer section that is not a "
+          "field: ", quoteBytes(line.slice(0, kj::min(line.size(), NOT_HTTP_SHOWN + 1)),
+          NOT_HTTP_SHOWN))));
+    }
+    trailerFieldSeen = true;
   }
   // Trailers are never passed on: drop the line, so that the buffer holds at most one of them
   // (the trailer section's limit may exceed the buffer's).

@@ -74,9 +74,11 @@ public:
   ResponseFramer(): ResponseFramer(Limits()) {}
   KJ_DISALLOW_COPY(ResponseFramer);
 
-  void start(kj::HttpMethod method);
+  void start(kj::HttpMethod method, bool connectionCarriedResponses = false);
   // Begins framing the response to a request made with `method` (a HEAD response has no body).
-  // Requires no bytes to be buffered: a new exchange starts on a clean connection.
+  // Requires no bytes to be buffered: a new exchange starts on a clean connection. Whether the
+  // connection carried responses before only changes what an error says when the answer does not
+  // begin with a status line: left over from an earlier response, rather than not HTTP at all.
 
   kj::ArrayPtr<kj::byte> space();
   // Where to read the next bytes from the connection into; never empty. Valid until the next call
@@ -186,6 +188,7 @@ private:
     bool connectionClose = false;
     bool keepAlive = false;
     bool conflictingFraming = false;
+    bool transferEncoding = false;  // a (non-empty) Transfer-Encoding field, whatever its coding
     bool noBody = false;
   };
 
@@ -200,12 +203,14 @@ private:
   size_t headStart = 0;   // the final head, once parsed: [headStart, headEnd) in the buffer, until
   size_t headEnd = 0;     // bytes are moved or received over it (then headEnd is 0)
   size_t trailerBytes = 0;
+  bool trailerFieldSeen = false;  // a field line came in the trailer section (a fold may follow)
   size_t interimResponses = 0;
   uint64_t remaining = 0;
   State state = State::IDLE;
   kj::HttpMethod method = kj::HttpMethod::GET;
   Head head;
   bool headParsed = false;
+  bool carriedResponses = false;   // see start()
   bool statusLineStarted = false;  // the head began with "HTTP/1." (see startsLikeStatusLine())
   bool receivedAny = false;
   kj::Maybe<kj::Exception> failure;
@@ -214,6 +219,7 @@ private:
   void parseEof();
   bool startsLikeStatusLine();
   kj::ArrayPtr<const char> firstLineSoFar() const;
+  kj::Exception notAStatusLine(kj::ArrayPtr<const char> line) const;
   bool parseHeaderBlock();
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);
