@@ -62,6 +62,7 @@ struct ProxyHandshake {
   kj::String target;
   kj::Own<kj::AsyncIoStream> stream;
   kj::Vector<kj::byte> received;
+  size_t scanned = 0;  // where the search for the answer's end resumes: before it, no end
   unsigned interim = 0;
 };
 
@@ -104,7 +105,7 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
   // Reads until the end of the proxy's answer head, then judges it.
   auto& received = state->received;
   auto chars = reinterpret_cast<const char*>(received.begin());
-  for (size_t i = 0; i + 1 < received.size(); i++) {
+  for (size_t i = state->scanned; i + 1 < received.size(); i++) {
     // The head ends with an empty line, CRLF or (as RFC 9112 2.2 lets a recipient accept) LF.
     if (received[i] != '\n') continue;
     size_t headEnd = headEndAfterLf(kj::arrayPtr(chars, received.size()), i);
@@ -128,6 +129,7 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
       auto rest = kj::heapArray<kj::byte>(received.slice(headEnd, received.size()));
       received.clear();
       received.addAll(rest);
+      state->scanned = 0;
       return readProxyAnswer(kj::mv(state));
     }
     if (status == 502 || status == 504) {
@@ -154,6 +156,9 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
     return kj::Own<kj::AsyncIoStream>(
         kj::heap<PrefixedStream>(kj::mv(rest), kj::mv(state->stream)));
   }
+  // No end yet. Whether one begins at the last two bytes depends on what comes next (see
+  // headEndAfterLf()): the search resumes there, not from the start.
+  state->scanned = received.size() >= 2 ? received.size() - 2 : 0;
   if (received.size() > MAX_PROXY_HEAD) {
     return KJ_EXCEPTION(FAILED, kj::str("the proxy's answer to CONNECT ", state->target,
         " is longer than ", MAX_PROXY_HEAD, " bytes; check the proxy address"));

@@ -269,6 +269,7 @@ void ResponseFramer::start(kj::HttpMethod requestMethod, bool connectionCarriedR
   head = Head();
   headParsed = false;
   statusLineStarted = false;
+  leadingBlanks = 0;
   headEnd = 0;
   receivedAny = false;
   state = State::HEAD;
@@ -585,8 +586,9 @@ bool ResponseFramer::startsLikeStatusLine() {
   // Whether what came so far of the head may begin a status line (after the blanks trim() skips).
   // Once the whole "HTTP/1." has come, that is known for this head (statusLineStarted).
   auto chars = reinterpret_cast<const char*>(buffer.begin());
-  size_t i = lineStart;
+  size_t i = lineStart + leadingBlanks;  // (blanks that came in earlier reads are not rescanned)
   while (i < end && (chars[i] == ' ' || chars[i] == '\t')) i++;
+  leadingBlanks = i - lineStart;
   size_t n = kj::min(end - i, HTTP_PREFIX.size());
   if (n == 0) return true;  // (and there may be no buffer at all)
   if (memcmp(chars + i, HTTP_PREFIX.begin(), n) != 0) return false;
@@ -660,6 +662,7 @@ bool ResponseFramer::parseHeaderBlock() {
         parsed = lineStart;
         head = Head();
         statusLineStarted = false;
+        leadingBlanks = 0;
         return true;
       }
       headParsed = true;

@@ -212,6 +212,7 @@ private:
   bool headParsed = false;
   bool carriedResponses = false;   // see start()
   bool statusLineStarted = false;  // the head began with "HTTP/1." (see startsLikeStatusLine())
+  size_t leadingBlanks = 0;  // blanks known to begin the head, from lineStart (the same)
   bool receivedAny = false;
   kj::Maybe<kj::Exception> failure;
 
