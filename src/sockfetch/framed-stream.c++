@@ -66,6 +66,13 @@ void FramedStream::ExchangeView::shutdownWrite() {
   }
 }
 
+void FramedStream::ExchangeView::abortRead() {
+  // (kj's WebSocket::abort() calls it: a receive() pending on the connection must end.)
+  KJ_IF_SOME(s, stream) {
+    s.abortRead();
+  }
+}
+
 FramedStream& FramedStream::ExchangeView::get() {
   KJ_IF_SOME(s, stream) {
     return s;
@@ -113,12 +120,17 @@ kj::Promise<size_t> tryReadSafely(kj::AsyncIoStream& stream, void* buffer, size_
   return kj::evalNow([&]() { return stream.tryRead(buffer, minBytes, maxBytes); });
 }
 
-kj::Exception readFailure(kj::Exception&& e) {
+kj::Exception readFailure(kj::Exception&& e, bool upgraded) {
   // A read of the connection failed while a response was read (a reset, a TLS error): said as
   // such, since kj's own words ("::read(fd, buffer, maxBytes): Connection reset by peer") do not
   // say what it meant. The framer's own refusals (a head over its limit, found as space for the
-  // read is asked for) say it already.
+  // read is asked for) say it already. After an upgrade there is no response to repeat.
   if (kj::StringPtr(e.getFile()).endsWith("response-framer.c++")) return kj::mv(e);
+  if (upgraded) {
+    return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection failed after "
+        "it was upgraded to another protocol, a WebSocket say (", e.getDescription(), "); open a "
+        "new one if it is still needed"));
+  }
   return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("the connection failed while "
       "the response was read (", e.getDescription(), "), so the response is incomplete; retry on "
       "a new connection if the request is safe to repeat"));
@@ -468,14 +480,18 @@ kj::Promise<size_t> FramedStream::readLoop(
         framer.receivedDirect(n);
       }
       return readLoop(buffer, minBytes, maxBytes, done + n);
-    }, [](kj::Exception&& e) -> kj::Promise<size_t> { return readFailure(kj::mv(e)); });
+    }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+      return readFailure(kj::mv(e), framer.isUpgrade());
+    });
   }
   if (probeOutcome == nullptr) {
     // The usual case: read more of the response into the framer and look again, in one step.
     return readRaw().then([this, buffer, minBytes, maxBytes, done](size_t n) {
       receivedRaw(n);
       return readLoop(buffer, minBytes, maxBytes, done);
-    }, [](kj::Exception&& e) -> kj::Promise<size_t> { return readFailure(kj::mv(e)); });
+    }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
+      return readFailure(kj::mv(e), framer.isUpgrade());
+    });
   }
   return fill().then([this, buffer, minBytes, maxBytes, done]() {
     return readLoop(buffer, minBytes, maxBytes, done);
@@ -514,8 +530,8 @@ kj::Promise<void> FramedStream::fill() {
 }
 
 kj::Promise<void> FramedStream::fillFromRaw() {
-  return readRaw().then([this](size_t n) { receivedRaw(n); }, [](kj::Exception&& e) {
-    kj::throwFatalException(readFailure(kj::mv(e)));
+  return readRaw().then([this](size_t n) { receivedRaw(n); }, [this](kj::Exception&& e) {
+    kj::throwFatalException(readFailure(kj::mv(e), framer.isUpgrade()));
   });
 }
 
@@ -605,8 +621,8 @@ kj::Promise<void> FramedStream::trackWrite(kj::Promise<void> promise, bool isTer
   // and the fetcher will not reuse it.
 }
 
-void FramedStream::refuseWrites(kj::StringPtr reason) {
-  if (refusal == nullptr) refusal = kj::str(reason);
+void FramedStream::refuseWrites(kj::String message) {
+  if (refusal == nullptr) refusal = kj::mv(message);
 }
 
 void FramedStream::shutdownNow() {
@@ -625,9 +641,8 @@ void FramedStream::shutdownNow() {
 }
 
 kj::Maybe<kj::Exception> FramedStream::writeRefusal() {
-  KJ_IF_SOME(reason, refusal) {
-    return KJ_EXCEPTION(DISCONNECTED, kj::str("the connection was closed (", reason, "), so the "
-        "rest of the request cannot be sent; send the request again if it must reach the server"));
+  KJ_IF_SOME(message, refusal) {
+    return KJ_EXCEPTION(DISCONNECTED, kj::str(message));
   }
   return nullptr;
 }

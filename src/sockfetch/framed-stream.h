@@ -89,9 +89,10 @@ public:
   void passThrough();
   // Enters pass-through mode (see above). Bytes already buffered are kept and read first.
 
-  void refuseWrites(kj::StringPtr reason);
+  void refuseWrites(kj::String message);
   // This connection will never carry another exchange: every later write fails (DISCONNECTED,
-  // with `reason`). Reads go on, for a response still coming.
+  // with `message`, which says what happened and what to do). Reads go on, for a response still
+  // coming. The first call's message stands.
 
   kj::Maybe<kj::Exception> writeRefusal();
   // The error every write gets since refuseWrites(), or null.
@@ -141,7 +142,7 @@ private:
   kj::Maybe<kj::Timer&> timer;
   bool plainSocket;  // kj's own socket stream: the kernel can be asked what it holds
   bool hasFd;        // the stream has a descriptor (a socket, or a wrapper that exposes one)
-  kj::Maybe<kj::String> refusal;  // set by refuseWrites()
+  kj::Maybe<kj::String> refusal;  // the message of refuseWrites()
   bool shutDown = false;
   kj::Maybe<ExchangeView&> currentView;  // the newest view, while it may touch this stream
   Mode mode = Mode::PASS_THROUGH;
@@ -224,7 +225,7 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override;
   kj::Promise<void> whenWriteDisconnected() override;
   void shutdownWrite() override;
-  void abortRead() override {}
+  void abortRead() override;
 
 private:
   kj::Maybe<FramedStream&> stream;

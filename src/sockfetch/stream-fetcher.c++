@@ -113,14 +113,23 @@ public:
     }
   }
 
-  void fail(CloseKind kind, kj::String reason) {
+  void fail(CloseKind kind, kj::String reason, kj::Maybe<kj::String> writeRefusal = nullptr) {
     // The connection must not be reused. The fetcher is told now; the connection is closed as soon
     // as its response can no longer be read (see endResponse()), and released when the last of
-    // the request body, response promise and response body is dropped.
+    // the request body, response promise and response body is dropped. Writes of this request's
+    // body fail from now on, with `writeRefusal` if given (a whole message: what happened and what
+    // to do), else with `reason`.
     if (done) return;
     done = true;
     upgraded = kind == CloseKind::UPGRADED;
-    if (!upgraded) stream->refuseWrites(reason);
+    if (!upgraded) {
+      KJ_IF_SOME(message, writeRefusal) {
+        stream->refuseWrites(kj::mv(message));
+      } else {
+        stream->refuseWrites(kj::str("the connection was closed (", reason, "), so the rest of "
+            "the request cannot be sent; send the request again if it must reach the server"));
+      }
+    }
     KJ_IF_SOME(f, fetcher) {
       bool wroteAny = stream->getWritesCompleted() > 0 || stream->getWritesInFlight() > 0;
       if (upgraded) fetcher = nullptr;  // the connection is the new protocol's: nothing to tell
@@ -171,7 +180,10 @@ public:
       fail(loss.gotBytes ? CloseKind::UNSOLICITED_BYTES : CloseKind::PEER_CLOSED_IDLE,
           kj::str(loss.reason));
     } else {
-      fail(CloseKind::FAILED, kj::str(what, e.getDescription()));
+      // (For later requests, this is the previous one; for this one's body, its own failure,
+      // whose description says what to do.)
+      fail(CloseKind::FAILED, kj::str(what, e.getDescription()), kj::str("this request failed, "
+          "so the rest of its body cannot be sent: ", e.getDescription()));
     }
   }
 
@@ -833,6 +845,24 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   return Request{kj::mv(body), kj::mv(response)};
 }
 
+namespace {
+
+kj::Exception explainHandshake(kj::Exception&& e) {
+  // kj-http 0.9.2 refuses a 101 whose Upgrade or Sec-WebSocket-Accept field is wrong in words
+  // that name its own variable ("protocolError.description = Server failed WebSocket handshake:
+  // incorrect Upgrade header: ..."): said here in ours, keeping its detail.
+  static constexpr kj::StringPtr MARK = "Server failed WebSocket handshake: "_kj;
+  auto found = strstr(e.getDescription().cStr(), MARK.cStr());
+  if (found == nullptr) return kj::mv(e);
+  auto detail = kj::StringPtr(found + MARK.size()).asArray();
+  if (detail.size() > 0 && detail.back() == '.') detail = detail.slice(0, detail.size() - 1);
+  return KJ_EXCEPTION(FAILED, kj::str("the server answered the WebSocket handshake with a 101 "
+      "that does not accept it (", detail, "); the connection was dropped, check that the "
+      "upstream serves WebSockets at this url"));
+}
+
+}  // namespace
+
 kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
   requireValidRequestTarget(url);
@@ -845,7 +875,7 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
           "a WebSocket handshake was cancelled before its response arrived")](
           kj::Exception&& e) mutable -> WebSocketResponse {
     awaiting->endResponse();
-    auto explained = awaiting->explain(kj::mv(e));
+    auto explained = explainHandshake(awaiting->explain(kj::mv(e)));
     awaiting->failRequest("the previous WebSocket handshake failed: ", explained);
     kj::throwFatalException(kj::mv(explained));
   });
