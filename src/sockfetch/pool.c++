@@ -406,6 +406,10 @@ public:
   kj::Promise<Response> send(kj::Own<Connection> connection, kj::StringPtr url,
       const kj::HttpHeaders& headers) {
     // `url` and `headers` need only be valid until this returns.
+    KJ_IF_SOME(e, unsendable()) {
+      // (Already failed through `abandoned`, unless the connection came in the same turn.)
+      return kj::mv(e);  // the connection, untouched, goes back to the pool
+    }
     auto& fetcher = *connection->fetcher;
     // Below, a request refused before anything was written took nothing of a streaming body
     // either (it is handed to a connection only once the request is under way), so it may be
@@ -505,17 +509,72 @@ public:
         }
         return kj::READY_NOW;
       case BodyMode::STREAMING:
-        KJ_IF_SOME(inner, innerBody) {
-          return writeAll(*inner, bytes);
-        }
-        KJ_IF_SOME(failure, bodyFailure) {
-          return cloneException(failure);
-        }
-        auto paf = kj::newPromiseAndFulfiller<void>();
-        innerBodyWaiter = kj::mv(paf.fulfiller);
-        return paf.promise.then([this, bytes]() { return write(bytes); });
+        return writeStreaming([bytes](kj::AsyncOutputStream& out) {
+          return writeAll(out, bytes);
+        });
     }
     KJ_UNREACHABLE;
+  }
+
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+    // A gathered write of a streaming body goes to the connection's body as one write (one chunk
+    // of a chunked body, as kj-http would send it).
+    KJ_REQUIRE(bodyMode == BodyMode::STREAMING);
+    return writeStreaming([pieces](kj::AsyncOutputStream& out) { return out.write(pieces); });
+  }
+
+  template <typename WriteTo>
+  kj::Promise<void> writeStreaming(WriteTo writeTo) {
+    // Writes through the connection's body once a connection took the request. A write that never
+    // finishes (its promise dropped, or still in progress) leaves the body unfinishable, as
+    // StreamFetcher's own body is: no later write may follow it, and dropping the body then fails
+    // the request rather than ending the body as complete (see bodyDropped()).
+    if (writeOutstanding) {
+      return KJ_EXCEPTION(FAILED, "a write to this request body was given up on (its promise "
+          "dropped) or has not finished, so no other may follow it; wait for each write to "
+          "finish, and send the request again if one was given up on");
+    }
+    kj::Promise<void> written = nullptr;
+    KJ_IF_SOME(inner, innerBody) {
+      written = writeTo(*inner);
+    } else KJ_IF_SOME(failure, bodyFailure) {
+      return cloneException(failure);
+    } else {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      innerBodyWaiter = kj::mv(paf.fulfiller);
+      written = paf.promise.then([this, writeTo = kj::mv(writeTo)]() mutable
+          -> kj::Promise<void> {
+        KJ_IF_SOME(inner, innerBody) {
+          return writeTo(*inner);
+        }
+        return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it waited for "
+            "a connection; keep the body stream until its writes finish");
+      });
+    }
+    writeOutstanding = true;
+    return written.then([this]() { writeOutstanding = false; }, [this](kj::Exception&& e) {
+      writeOutstanding = false;  // (the connection's body says why, to any later write)
+      kj::throwFatalException(kj::mv(e));
+    });
+  }
+
+  kj::Maybe<kj::Exception> unsendable() {
+    // Why a streaming body dropped before any connection took it can never be sent in full, if
+    // so. (Its writes wait for a connection: none of it was written.)
+    if (bodyMode != BodyMode::STREAMING || !streamingDropped || innerBody != nullptr) {
+      return nullptr;
+    }
+    if (writeOutstanding) {
+      return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it was "
+          "unfinished, so the request was not sent; finish every write of the body before "
+          "dropping the body stream");
+    }
+    KJ_IF_SOME(size, expectedBodySize) {
+      return KJ_EXCEPTION(FAILED, kj::str("the request body was dropped before any of its ", size,
+          " bytes could be sent, so the request was not sent; write all expectedBodySize bytes "
+          "before dropping the body stream"));
+    }
+    return nullptr;  // a chunked body that was never written to: an empty one
   }
 
   void bodyDropped() {
@@ -531,7 +590,17 @@ public:
         break;
       case BodyMode::STREAMING:
         streamingDropped = true;
-        innerBody = nullptr;  // finishes (chunked) or aborts (short fixed-length) the body
+        // Once a connection took the body, a write given up on was the connection's body's own
+        // (a waiting write's continuation runs as soon as the connection is handed over), so that
+        // body knows it is unfinished. Before, nothing was sent: the request fails at once.
+        if (innerBody == nullptr) {
+          KJ_IF_SOME(e, unsendable()) {
+            KJ_IF_SOME(fulfiller, abandoned) {
+              fulfiller->reject(kj::mv(e));
+            }
+          }
+        }
+        innerBody = nullptr;  // finishes (chunked) or aborts (short or given up) the body
         break;
     }
   }
@@ -559,6 +628,8 @@ public:
   kj::Maybe<kj::Exception> bodyFailure;  // no connection will carry a streaming body
   kj::Promise<void> bodyWrite = nullptr;
   bool streamingDropped = false;
+  bool writeOutstanding = false;  // a streaming write started and not finished (or given up)
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abandoned;  // streaming: see request()
   bool retried = false;
 };
 
@@ -642,6 +713,7 @@ public:
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    if (attempt->bodyMode == BodyMode::STREAMING) return attempt->write(pieces);
     if (pieces.size() == 0) return kj::READY_NOW;
     auto first = pieces[0];
     auto rest = pieces.slice(1, pieces.size());
@@ -707,7 +779,7 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   Attempt* raw = attempt.get();
   kj::Own<kj::AsyncOutputStream> body;
   if (raw->bodyMode == BodyMode::NONE) {
-    body = StreamFetcher::bodilessRequestBody();
+    body = StreamFetcher::bodilessRequestBody(expectedBodySize);
   } else {
     body = kj::heap<PendingBody>(kj::addRef(*attempt));
   }
@@ -725,7 +797,13 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
   if (raw->bodyMode == BodyMode::STREAMING) {
     // The body's writes wait for a connection, so the request must proceed whether or not the
     // caller awaits the response yet (eagerly), and a writer must hear that there will be no
-    // connection, or that the request was given up.
+    // connection, or that the request was given up. A body given up on before a connection
+    // took it fails the request at once (Attempt::bodyDropped()).
+    auto abandoned = kj::newPromiseAndFulfiller<void>();
+    raw->abandoned = kj::mv(abandoned.fulfiller);
+    response = response.exclusiveJoin(abandoned.promise.then([]() -> Response {
+      KJ_FAIL_ASSERT("`abandoned` is only ever rejected");
+    }));
     response = response.catch_([raw](kj::Exception&& e) -> Response {
       raw->failPendingWrites(e);
       kj::throwFatalException(kj::mv(e));
@@ -751,7 +829,8 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
     auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
-    return Request{StreamFetcher::bodilessRequestBody(), response.attach(kj::mv(attempt))};
+    return Request{StreamFetcher::bodilessRequestBody(expectedBodySize),
+        response.attach(kj::mv(attempt))};
   }
   connection->countUse();
   auto request = kj::mv(KJ_ASSERT_NONNULL(started));
@@ -771,7 +850,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry
   });
-  return Request{StreamFetcher::bodilessRequestBody(), kj::mv(response)};
+  return Request{StreamFetcher::bodilessRequestBody(expectedBodySize), kj::mv(response)};
 }
 
 kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {

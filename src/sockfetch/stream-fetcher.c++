@@ -24,10 +24,17 @@ public:
 };
 
 class NoBody final: public kj::AsyncOutputStream {
-  // The body stream of a request without one (a GET or HEAD without expectedBodySize).
+  // The body stream of a request without one (a GET or HEAD without expectedBodySize, or with 0:
+  // `declaredEmpty`).
 public:
+  explicit NoBody(bool declaredEmpty): declaredEmpty(declaredEmpty) {}
+
   kj::Promise<void> write(const void*, size_t size) override {
     if (size == 0) return kj::READY_NOW;
+    if (declaredEmpty) {
+      return KJ_EXCEPTION(FAILED, "the request body is longer than the declared 0 bytes; declare "
+          "the right expectedBodySize");
+    }
     return KJ_EXCEPTION(FAILED, "this request was made without a body (a GET or HEAD without "
         "expectedBodySize); pass expectedBodySize to send one");
   }
@@ -40,6 +47,9 @@ public:
   kj::Promise<void> whenWriteDisconnected() override {
     return kj::NEVER_DONE;
   }
+
+private:
+  bool declaredEmpty;
 };
 
 }  // namespace
@@ -818,7 +828,7 @@ kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::String
   if (exchange->requestBodyKind == Exchange::RequestBodyKind::NONE) {
     // kj-http's stream for a request without a body only refuses writes, in kj's words.
     inner.body = nullptr;
-    body = bodilessRequestBody();
+    body = bodilessRequestBody(expectedBodySize);
   } else {
     body = kj::heap<RequestBody>(kj::addRef(*exchange), kj::mv(inner.body));
   }
@@ -881,9 +891,13 @@ kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
   });
 }
 
-kj::Own<kj::AsyncOutputStream> StreamFetcher::bodilessRequestBody() {
-  static NoBody noBody;  // stateless: one serves every request, on any thread
-  return kj::Own<kj::AsyncOutputStream>(&noBody, kj::NullDisposer::instance);
+kj::Own<kj::AsyncOutputStream> StreamFetcher::bodilessRequestBody(
+    kj::Maybe<uint64_t> expectedBodySize) {
+  // Stateless: each serves every request, on any thread.
+  static NoBody undeclared(false);
+  static NoBody declaredEmpty(true);
+  auto& body = expectedBodySize == nullptr ? undeclared : declaredEmpty;
+  return kj::Own<kj::AsyncOutputStream>(&body, kj::NullDisposer::instance);
 }
 
 kj::Own<kj::AsyncIoStream> StreamFetcher::release() {

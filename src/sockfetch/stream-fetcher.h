@@ -157,10 +157,12 @@ public:
   // Exchanges that finished cleanly and gave the connection back (the number of times it was
   // reused, plus one, once it has served a request).
 
-  static kj::Own<kj::AsyncOutputStream> bodilessRequestBody();
-  // The body stream of a request made without one (a GET or HEAD without expectedBodySize):
-  // writing anything to it fails (FAILED), saying to pass expectedBodySize. Stateless and shared;
-  // ConnectionPool hands it out too.
+  static kj::Own<kj::AsyncOutputStream> bodilessRequestBody(
+      kj::Maybe<uint64_t> expectedBodySize = nullptr);
+  // The body stream of a request made without one (a GET or HEAD without expectedBodySize, or
+  // with 0): writing anything to it fails (FAILED), saying to pass the body's size (or, when it
+  // was declared 0, that the body is longer than declared). Stateless and shared; ConnectionPool
+  // hands it out too.
 
   kj::Own<kj::AsyncIoStream> release();
   // Gives the connection back while IDLE, with nothing lost: bytes already read from it come
