@@ -542,9 +542,9 @@ public:
     } else {
       auto paf = kj::newPromiseAndFulfiller<void>();
       innerBodyWaiter = kj::mv(paf.fulfiller);
-      written = paf.promise.then([this, writeTo = kj::mv(writeTo)]() mutable
+      written = paf.promise.then([self = kj::addRef(*this), writeTo = kj::mv(writeTo)]() mutable
           -> kj::Promise<void> {
-        KJ_IF_SOME(inner, innerBody) {
+        KJ_IF_SOME(inner, self->innerBody) {
           return writeTo(*inner);
         }
         return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it waited for "
@@ -552,8 +552,10 @@ public:
       });
     }
     writeOutstanding = true;
-    return written.then([this]() { writeOutstanding = false; }, [this](kj::Exception&& e) {
-      writeOutstanding = false;  // (the connection's body says why, to any later write)
+    // (The caller's promise keeps the attempt, in case the body stream is dropped before it.)
+    return written.then([self = kj::addRef(*this)]() mutable { self->writeOutstanding = false; },
+        [self = kj::addRef(*this)](kj::Exception&& e) mutable {
+      self->writeOutstanding = false;  // (the connection's body says why, to any later write)
       kj::throwFatalException(kj::mv(e));
     });
   }
