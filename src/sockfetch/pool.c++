@@ -560,12 +560,24 @@ public:
     });
   }
 
-  kj::Maybe<kj::Exception> unsendable() {
-    // Why a streaming body dropped before any connection took it can never be sent in full, if
-    // so. (Its writes wait for a connection: none of it was written.)
-    if (bodyMode != BodyMode::STREAMING || !streamingDropped || innerBody != nullptr) {
-      return nullptr;
+  bool writeGivenUp() {
+    // A write waited for a connection and its promise was dropped: its bytes are lost.
+    KJ_IF_SOME(waiter, innerBodyWaiter) {
+      return writeOutstanding && !waiter->isWaiting();
     }
+    return false;
+  }
+
+  kj::Maybe<kj::Exception> unsendable() {
+    // Why a streaming body that no connection took yet can never be sent in full, if so. (Its
+    // writes wait for a connection: none of it was written.)
+    if (bodyMode != BodyMode::STREAMING || innerBody != nullptr) return nullptr;
+    if (writeGivenUp() && !streamingDropped) {
+      return KJ_EXCEPTION(FAILED, "a write to the request body was given up on (its promise "
+          "dropped) while it waited for a connection, so the request was not sent; send it "
+          "again with its whole body");
+    }
+    if (!streamingDropped) return nullptr;
     if (writeOutstanding) {
       return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it was "
           "unfinished, so the request was not sent; finish every write of the body before "
@@ -716,6 +728,15 @@ public:
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
     if (attempt->bodyMode == BodyMode::STREAMING) return attempt->write(pieces);
+    if (attempt->bodyMode == BodyMode::BUFFERED) {
+      // Refused whole if too long, as kj-http would: no piece of it may complete the body.
+      uint64_t size = 0;
+      for (auto& piece: pieces) size += piece.size();
+      if (attempt->buffered.size() + size > attempt->expected) {
+        return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
+            attempt->expected, " bytes; declare the right expectedBodySize"));
+      }
+    }
     if (pieces.size() == 0) return kj::READY_NOW;
     auto first = pieces[0];
     auto rest = pieces.slice(1, pieces.size());
