@@ -66,6 +66,14 @@ bool isFieldName(kj::ArrayPtr<const char> name) {
   return true;
 }
 
+inline kj::ArrayPtr<const char> nameBefore(kj::ArrayPtr<const char> line, size_t colon) {
+  // A field line's name: what precedes its colon at `colon`, less the blanks kj-http removes
+  // there (as RFC 9112 asks of a proxy).
+  size_t nameEnd = colon;
+  while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
+  return line.slice(0, nameEnd);
+}
+
 inline kj::ArrayPtr<const char> trim(kj::ArrayPtr<const char> s) {
   size_t b = 0, e = s.size();
   while (b < e && (s[b] == ' ' || s[b] == '\t' || s[b] == '\r')) b++;
@@ -714,10 +722,8 @@ void ResponseFramer::parseHead(kj::ArrayPtr<const char> block) {
     auto colonPtr = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
     if (colonPtr == nullptr) kj::throwFatalException(malformed("header line without a colon"));
     size_t colon = colonPtr - line.begin();
-    size_t nameEnd = colon;
-    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
-    if (nameEnd == 0) kj::throwFatalException(malformed("header line without a name"));
-    auto name = line.slice(0, nameEnd);
+    auto name = nameBefore(line, colon);
+    if (name.size() == 0) kj::throwFatalException(malformed("header line without a name"));
     char c0 = lower(name[0]);
     bool interesting = (c0 == 'c' && (name.size() == 14 || name.size() == 10)) ||
         (c0 == 't' && name.size() == 17);
@@ -871,8 +877,7 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
       return;
     }
     size_t valueStart = nameEnd + 1;
-    while (nameEnd > 0 && (line[nameEnd - 1] == ' ' || line[nameEnd - 1] == '\t')) nameEnd--;
-    auto name = line.slice(0, nameEnd);
+    auto name = nameBefore(line, nameEnd);
     if (equalsIgnoreCase(name, "content-length"_kj) ||
         equalsIgnoreCase(name, "transfer-encoding"_kj)) {
       framed = framed || trim(line.slice(valueStart, line.size())).size() > 0;  // (empty: none)
@@ -982,12 +987,9 @@ bool ResponseFramer::parseTrailerLine() {
   if (!fold || !trailerFieldSeen) {
     // A field line (a fold, which begins with a blank, continues the one before it): anything
     // else is not a trailer but bytes the server should not have sent, a second response perhaps.
-    auto colon = reinterpret_cast<const char*>(memchr(line.begin(), ':', line.size()));
-    auto name = kj::arrayPtr(chars + lineStart, colon == nullptr ? chars + lineStart : colon);
-    while (name.size() > 0 && (name.back() == ' ' || name.back() == '\t')) {
-      name = name.slice(0, name.size() - 1);
-    }
-    if (!isFieldName(name)) {
+    auto raw = kj::arrayPtr(chars + lineStart, lineEnd - lineStart);
+    auto colon = reinterpret_cast<const char*>(memchr(raw.begin(), ':', raw.size()));
+    if (colon == nullptr || !isFieldName(nameBefore(raw, colon - raw.begin()))) {
       kj::throwFatalException(malformed(kj::str("a line in its trailer section that is not a "
           "field: ", quoteBytes(line.slice(0, kj::min(line.size(), NOT_HTTP_SHOWN + 1)),
           NOT_HTTP_SHOWN))));
