@@ -494,33 +494,47 @@ public:
   kj::Promise<void> write(kj::ArrayPtr<const kj::byte> bytes) {
     switch (bodyMode) {
       case BodyMode::NONE:
-        KJ_FAIL_ASSERT("a request without a body is given bodilessRequestBody(), not a "
-            "PendingBody");
+        break;
       case BodyMode::BUFFERED:
-        if (bytes.size() == 0) return kj::READY_NOW;
-        if (buffered.size() + bytes.size() > expected) {
-          return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
-              expected, " bytes; declare the right expectedBodySize"));
-        }
-        buffered.addAll(bytes);
-        if (buffered.size() == expected) {
-          bodyBufferedFulfiller->fulfill();
-          bodyBufferedFulfiller = nullptr;
-        }
-        return kj::READY_NOW;
+        return buffer(kj::arrayPtr(&bytes, 1));
       case BodyMode::STREAMING:
         return writeStreaming([bytes](kj::AsyncOutputStream& out) {
           return writeAll(out, bytes);
         });
     }
-    KJ_UNREACHABLE;
+    KJ_FAIL_ASSERT("a request without a body is given bodilessRequestBody(), not a PendingBody");
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
-    // A gathered write of a streaming body goes to the connection's body as one write (one chunk
-    // of a chunked body, as kj-http would send it).
-    KJ_REQUIRE(bodyMode == BodyMode::STREAMING);
-    return writeStreaming([pieces](kj::AsyncOutputStream& out) { return out.write(pieces); });
+    // A gathered write is one write: of a streaming body, one write of the connection's body (one
+    // chunk of a chunked body, as kj-http would send it).
+    switch (bodyMode) {
+      case BodyMode::NONE:
+        break;
+      case BodyMode::BUFFERED:
+        return buffer(pieces);
+      case BodyMode::STREAMING:
+        return writeStreaming([pieces](kj::AsyncOutputStream& out) { return out.write(pieces); });
+    }
+    KJ_FAIL_ASSERT("a request without a body is given bodilessRequestBody(), not a PendingBody");
+  }
+
+  kj::Promise<void> buffer(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) {
+    // Keeps a write of a buffered body, refused whole if it is longer than declared (as kj-http
+    // refuses it): no piece of it may complete the body.
+    uint64_t size = 0;
+    for (auto& piece: pieces) size += piece.size();
+    if (size == 0) return kj::READY_NOW;
+    if (buffered.size() + size > expected) {
+      return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
+          expected, " bytes; declare the right expectedBodySize"));
+    }
+    for (auto& piece: pieces) buffered.addAll(piece);
+    if (buffered.size() == expected) {
+      bodyBufferedFulfiller->fulfill();
+      bodyBufferedFulfiller = nullptr;
+    }
+    return kj::READY_NOW;
   }
 
   template <typename WriteTo>
@@ -727,20 +741,7 @@ public:
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
-    if (attempt->bodyMode == BodyMode::STREAMING) return attempt->write(pieces);
-    if (attempt->bodyMode == BodyMode::BUFFERED) {
-      // Refused whole if too long, as kj-http would: no piece of it may complete the body.
-      uint64_t size = 0;
-      for (auto& piece: pieces) size += piece.size();
-      if (attempt->buffered.size() + size > attempt->expected) {
-        return KJ_EXCEPTION(FAILED, kj::str("the request body is longer than the declared ",
-            attempt->expected, " bytes; declare the right expectedBodySize"));
-      }
-    }
-    if (pieces.size() == 0) return kj::READY_NOW;
-    auto first = pieces[0];
-    auto rest = pieces.slice(1, pieces.size());
-    return attempt->write(first).then([this, rest]() { return write(rest); });
+    return attempt->write(pieces);
   }
 
   kj::Promise<void> whenWriteDisconnected() override {
