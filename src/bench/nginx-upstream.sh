@@ -22,13 +22,19 @@ start_nginx_upstream() {
   upstream_dir=$(mktemp -d)
   port=$(python3 -c \
       'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  # The heap measurement holds 1,000 idle connections: raise the soft descriptor limit to the hard
+  # one, and give nginx as many connections as that limit allows (up to 8,192).
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  local connections
+  connections=$(ulimit -n)
+  [[ $connections == unlimited || $connections -gt 8192 ]] && connections=8192
   head -c 65536 /dev/zero | tr '\0' 'x' > "$upstream_dir/big"
   cat > "$upstream_dir/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
 pid $upstream_dir/nginx.pid;
 error_log $upstream_dir/error.log warn;
-events { worker_connections 8192; }
+events { worker_connections $connections; }
 http {
   access_log off;
   open_file_cache max=16;
@@ -47,7 +53,6 @@ http {
   }
 }
 CONF
-  ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
   "$nginx" -c "$upstream_dir/nginx.conf" -e "$upstream_dir/error.log" &
   nginx_pid=$!
   trap 'kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null || true
