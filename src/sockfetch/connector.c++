@@ -117,8 +117,10 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
     KJ_IF_SOME(s, parseStatusCode(statusLine)) {
       status = s;
     } else {
+      auto shown = statusLine.size() > 0 ? kj::str("(", statusLine, ")") : kj::str("(an empty "
+          "line where its status line belongs)");
       return KJ_EXCEPTION(FAILED, kj::str("the proxy answered CONNECT to ", state->target,
-          " with something that is not HTTP (", statusLine, "); check the proxy address"));
+          " with something that is not HTTP ", shown, "; check the proxy address"));
     }
     if (status < 200 && status != 101) {
       // Interim: skipped, as for any HTTP response (RFC 9110 15.2), up to a limit.
@@ -141,6 +143,11 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
       // "Try later": OVERLOADED, which kj's HttpServer answers with 503 in turn.
       return KJ_EXCEPTION(OVERLOADED, kj::str("the proxy is too busy to open a tunnel to ",
           state->target, " (\"", statusLine.slice(9), "\"); try again later"));
+    }
+    if (status == 407) {
+      return KJ_EXCEPTION(FAILED, kj::str("the proxy asks for credentials to open a tunnel to ",
+          state->target, " (\"", statusLine.slice(9), "\"), and tunnelConnector sends none; "
+          "use a proxy that admits this client without them"));
     }
     if (status >= 300) {
       return KJ_EXCEPTION(FAILED, kj::str("the proxy refused to open a tunnel to ",
@@ -189,7 +196,7 @@ Connector addressConnector(kj::NetworkAddress& address) {
       // to do. The type stays: DISCONNECTED for a refusal, FAILED for a socket path not there.
       kj::throwFatalException(kj::Exception(e.getType(), __FILE__, __LINE__,
           kj::str("connecting to ", address.toString(), " failed (", e.getDescription(),
-              "); check that the upstream is running and listening there")));
+              "); check that a server is running and listening at that address")));
     });
   };
 }
@@ -206,7 +213,14 @@ Connector tunnelConnector(Connector toProxy, kj::StringPtr target) {
   KJ_REQUIRE(isHostAndPort(target), "tunnelConnector's target must be host:port, with a port "
       "number from 1 to 65535 (an IPv6 address in brackets: [::1]:443)", target);
   return [toProxy = kj::mv(toProxy), target = kj::heapString(target)]() mutable {
-    return toProxy().then([target = kj::heapString(target)](
+    auto proxy = kj::evalNow([&]() { return toProxy(); })
+        .catch_([target = kj::heapString(target)](kj::Exception&& e)
+            -> kj::Own<kj::AsyncIoStream> {
+      // Said as the proxy's failure: in a pool it would otherwise read like the origin's.
+      kj::throwFatalException(kj::Exception(e.getType(), __FILE__, __LINE__, kj::str("could not "
+          "reach the proxy to open a tunnel to ", target, ": ", e.getDescription())));
+    });
+    return proxy.then([target = kj::heapString(target)](
         kj::Own<kj::AsyncIoStream>&& stream) mutable {
       auto state = kj::heap<ProxyHandshake>();
       state->target = kj::mv(target);

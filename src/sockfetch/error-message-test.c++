@@ -739,7 +739,7 @@ KJ_TEST("ConnectionPool: a refused connect names the address and what to check, 
     auto req = pool.request(kj::HttpMethod::GET, "/", env.headers());
     auto e = env.failureOf(kj::mv(req.response));
     EXPECT_ERROR(e, DISCONNECTED, kj::str("connecting to 127.0.0.1:", port, " failed ("),
-        "Connection refused", "check that the upstream is running and listening there");
+        "Connection refused", "check that a server is running and listening at that address");
   }
   {
     auto missing = network.parseAddress("unix:/nonexistent-sockfetch-dir/upstream.sock")
@@ -748,7 +748,7 @@ KJ_TEST("ConnectionPool: a refused connect names the address and what to check, 
     auto req = pool.request(kj::HttpMethod::GET, "/", env.headers());
     auto e = env.failureOf(kj::mv(req.response));
     EXPECT_ERROR(e, FAILED, "/nonexistent-sockfetch-dir/upstream.sock",
-        "check that the upstream is running and listening there");
+        "check that a server is running and listening at that address");
   }
 }
 

@@ -471,8 +471,9 @@ kj::Promise<size_t> FramedStream::readLoop(
     // Body data with nothing buffered: read it straight into the consumer's buffer (no copy, and
     // as much as the consumer asked for), but never past the end of the body.
     size_t want = kj::min(maxBytes - done, direct);
-    return tryReadSafely(*raw, buffer + done, 1, want)
+    return startRawRead(buffer + done, want)
         .then([this, buffer, minBytes, maxBytes, done](size_t n) {
+      rawReadOutstanding = false;
       if (n == 0) {
         rawEof = true;
         framer.receivedEof();
@@ -481,7 +482,7 @@ kj::Promise<size_t> FramedStream::readLoop(
       }
       return readLoop(buffer, minBytes, maxBytes, done + n);
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
-      return readFailure(kj::mv(e), framer.isUpgrade());
+      return rawReadFailed(kj::mv(e));
     });
   }
   if (probeOutcome == nullptr) {
@@ -490,7 +491,7 @@ kj::Promise<size_t> FramedStream::readLoop(
       receivedRaw(n);
       return readLoop(buffer, minBytes, maxBytes, done);
     }, [this](kj::Exception&& e) -> kj::Promise<size_t> {
-      return readFailure(kj::mv(e), framer.isUpgrade());
+      return rawReadFailed(kj::mv(e));
     });
   }
   return fill().then([this, buffer, minBytes, maxBytes, done]() {
@@ -531,7 +532,7 @@ kj::Promise<void> FramedStream::fill() {
 
 kj::Promise<void> FramedStream::fillFromRaw() {
   return readRaw().then([this](size_t n) { receivedRaw(n); }, [this](kj::Exception&& e) {
-    kj::throwFatalException(readFailure(kj::mv(e), framer.isUpgrade()));
+    kj::throwFatalException(rawReadFailed(kj::mv(e)));
   });
 }
 
@@ -540,10 +541,31 @@ kj::Promise<size_t> FramedStream::readRaw() {
   KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { space = framer.space(); })) {
     return kj::mv(e);  // the head outgrew its limit: a failed read, never a synchronous throw
   }
-  return tryReadSafely(*raw, space.begin(), 1, space.size());
+  return startRawRead(space.begin(), space.size());
+}
+
+kj::Promise<size_t> FramedStream::startRawRead(kj::byte* into, size_t maxBytes) {
+  if (rawReadOutstanding) {
+    framer.fail(KJ_EXCEPTION(FAILED, "a read of the response was cancelled after it may have "
+        "taken bytes from the connection, so where the response ends is no longer known; the "
+        "connection was dropped: read a body to its end, or drop it, rather than cancel a read "
+        "and read on"));
+    return cloneException(KJ_ASSERT_NONNULL(framer.getFailure()));
+  }
+  rawReadOutstanding = true;
+  return tryReadSafely(*raw, into, 1, maxBytes);
+}
+
+kj::Exception FramedStream::rawReadFailed(kj::Exception&& e) {
+  rawReadOutstanding = false;
+  KJ_IF_SOME(failure, framer.getFailure()) {
+    return cloneException(failure);  // (a cancelled read, found as the next one started)
+  }
+  return readFailure(kj::mv(e), framer.isUpgrade());
 }
 
 void FramedStream::receivedRaw(size_t n) {
+  rawReadOutstanding = false;
   if (n == 0) {
     rawEof = true;
     framer.receivedEof();
@@ -737,7 +759,11 @@ kj::Maybe<kj::Promise<void>> FramedStream::sendNow(const struct iovec* iov, size
     }
     int error = errno;
     if (error != EAGAIN && error != EWOULDBLOCK && error != ENOTSOCK) {
-      ++writesInFlight;  // like a failed write of kj's: the connection's state is unknown
+      // Failed: the kernel took none of it. After earlier writes of the exchange, the request is
+      // cut short: counted like a failed write of kj's, in an unknown state. As the exchange's
+      // first write, nothing of it reached the connection (a retry may send it whatever it is),
+      // and with no write completed the exchange can never count as clean.
+      if (writesCompleted > 0) ++writesInFlight;
       auto e = KJ_ASSERT_NONNULL(
           kj::runCatchingExceptions([&]() { KJ_FAIL_SYSCALL("sendmsg()", error); }));
       return kj::Promise<void>(kj::mv(e));

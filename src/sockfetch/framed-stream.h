@@ -168,6 +168,11 @@ private:
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
   kj::ArrayPtr<kj::byte> bodyBuffer;
+  bool rawReadOutstanding = false;
+  // A raw read was started and its continuation has not run. Set when the next one starts, the
+  // last was cancelled (its consumer gave up on a read): kj's sockets read at once when bytes are
+  // waiting, so it may have taken bytes nobody counted, and the framer no longer knows where the
+  // response ends.
 
   kj::Canceler rawWrites;  // writes in flight on a stream without a descriptor (see shutdownNow())
 
@@ -195,8 +200,13 @@ private:
   kj::Promise<void> fillFromRaw();
   kj::Promise<size_t> readRaw();
   // Reads from the raw stream into the framer's space; then call receivedRaw().
+  kj::Promise<size_t> startRawRead(kj::byte* into, size_t maxBytes);
+  // Every read of the raw stream during an exchange. Its continuation must clear
+  // `rawReadOutstanding` before anything else (see there).
   void receivedRaw(size_t n);
   // Tells the framer about `n` bytes a raw read put in its space (0: the end of the stream).
+  kj::Exception rawReadFailed(kj::Exception&& e);
+  // What a failed raw read means for the response.
   kj::Promise<void> trackWrite(kj::Promise<void> promise, bool isTerminator);
   kj::Maybe<kj::Promise<void>> sendNow(const struct iovec* iov, size_t count, size_t total,
       bool isTerminator, size_t& sent);

@@ -256,8 +256,9 @@ KJ_TEST("hostile proxy: a refusal with a body fails with its status, closes, and
       "Proxy-Authenticate: Basic realm=\"proxy\"\r\nContent-Length: ", body.size(), "\r\n\r\n",
       body));
   auto e = env.failureOf(kj::mv(first));
-  KJ_EXPECT(contains(e.getDescription(), kj::str("refused to open a tunnel to ", TARGET,
-      ": \"407 Proxy Authentication Required\"")), e);
+  KJ_EXPECT(contains(e.getDescription(), kj::str("the proxy asks for credentials to open a tunnel "
+      "to ", TARGET, " (\"407 Proxy Authentication Required\"), and tunnelConnector sends none")),
+      e);
   KJ_EXPECT(proxy->sawEof(), "the refused connection was not closed");
   KJ_EXPECT(!env.acceptsWithin(50 * kj::MILLISECONDS), "a refused CONNECT was retried");
   auto& stats = env.pool->getStats();
@@ -399,6 +400,18 @@ KJ_TEST("hostile proxy: an answer that is not HTTP fails, naming what came") {
         e.getDescription());
     KJ_EXPECT(env.pool->getStats().connectFailures == 1);
   }
+}
+
+KJ_TEST("hostile proxy: an answer that begins with an empty line fails, saying so") {
+  Env env;
+  env.tunnelPool();
+  auto first = env.get("/a");
+  auto proxy = env.acceptConnect();
+  proxy->send("\r\nHTTP/1.1 200 Connection Established\r\n\r\n");
+  KJ_EXPECT(proxy->sawEof(), "a request was sent through a tunnel that never opened");
+  auto e = env.failureOf(kj::mv(first));
+  KJ_EXPECT(contains(e.getDescription(), "something that is not HTTP (an empty line where its "
+      "status line belongs)"), e.getDescription());
 }
 
 KJ_TEST("hostile proxy: a tunnel closed right after its 200 is never written to, retried once") {

@@ -393,9 +393,12 @@ public:
     KJ_IF_SOME(p, life->pool) {
       return p;
     }
-    kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
-        "the ConnectionPool was destroyed before this request could be sent; keep the pool "
-        "alive until its requests have their responses"));
+    kj::throwFatalException(poolGone());
+  }
+
+  static kj::Exception poolGone() {
+    return KJ_EXCEPTION(DISCONNECTED, "the ConnectionPool was destroyed before this request "
+        "could be sent; keep the pool alive until its requests have their responses");
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
@@ -406,6 +409,11 @@ public:
   kj::Promise<Response> send(kj::Own<Connection> connection, kj::StringPtr url,
       const kj::HttpHeaders& headers) {
     // `url` and `headers` need only be valid until this returns.
+    if (life->pool == nullptr) {
+      // The connection came in the turn the pool was destroyed, which detached it: the request
+      // fails as one still waiting would, and the connection closes unused.
+      return poolGone();
+    }
     KJ_IF_SOME(e, unsendable()) {
       // (Already failed through `abandoned`, unless the connection came in the same turn.)
       return kj::mv(e);  // the connection, untouched, goes back to the pool
@@ -686,6 +694,11 @@ private:
   bool retried = false;
 
   kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {
+    if (life->pool == nullptr) {
+      // Came in the turn the pool was destroyed (see Attempt::send()).
+      return KJ_EXCEPTION(DISCONNECTED,
+          "the ConnectionPool was destroyed before this WebSocket handshake could be sent");
+    }
     auto& fetcher = *connection->fetcher;
     kj::Maybe<kj::Promise<WebSocketResponse>> started;
     KJ_IF_SOME(e, kj::runCatchingExceptions([&]() {
@@ -775,7 +788,9 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
 
 ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,
     kj::NetworkAddress& address, Settings settings)
-    : ConnectionPool(timer, table, addressConnector(address), kj::mv(settings)) {}
+    : ConnectionPool(timer, table, addressConnector(address), kj::mv(settings)) {
+  upstreamName = kj::str(" (", address.toString(), ")");
+}
 
 ConnectionPool::~ConnectionPool() noexcept(false) {
   // Fails every request still waiting for a connection (those chains touch the pool), then lets
@@ -907,13 +922,19 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fr
     // Make room for the new connection a retry needs: close the least recently used idle one.
     closeOldestIdle(&Stats::droppedForRetry);
   }
+  // Requests already waiting come first: a place freed a moment ago (a connect given up on frees
+  // its place to them a turn later) is theirs, not this newcomer's.
+  if (!waiters.empty()) serveWaiters();
   if (getOpenCount() < settings.maxConnections) return connect();
 
   if (waiters.size() >= settings.maxWaiting) {
     ++stats.overloaded;
+    auto inUse = connecting == 0 ? kj::str("busy")
+        : kj::str("busy or being opened (", connecting, " being opened)");
     return KJ_EXCEPTION(OVERLOADED, kj::str("the connection pool is saturated: all ",
-        settings.maxConnections, " connections are busy and ", waiters.size(), " requests are "
-        "already waiting; raise maxConnections or maxWaiting, or send fewer requests at once"));
+        settings.maxConnections, " connections are ", inUse, " and ", waiters.size(),
+        " requests are already waiting; raise maxConnections or maxWaiting, or send fewer "
+        "requests at once"));
   }
   ++stats.waits;
   auto paf = kj::newPromiseAndFulfiller<kj::Own<Connection>>();
@@ -962,8 +983,8 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   auto* s = slot.get();
   auto timeout = timer.afterDelay(settings.connectTimeout)
       .then([this]() -> kj::Own<kj::AsyncIoStream> {
-    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("connecting to the upstream "
-        "timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; check that it is "
+    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("connecting to the upstream",
+        upstreamName, " timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; check that it is "
         "reachable, or raise Settings::connectTimeout")));
   });
   // A connector that throws instead of returning a failed promise fails this attempt all the same.

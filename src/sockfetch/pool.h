@@ -174,6 +174,7 @@ private:
   kj::Timer& timer;
   const kj::HttpHeaderTable& table;
   Connector connector;
+  kj::String upstreamName;                  // " (address)" for the address constructor, else ""
   Settings settings;
   Stats stats;
   unsigned connecting = 0;

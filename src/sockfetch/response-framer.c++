@@ -336,6 +336,10 @@ void ResponseFramer::received(size_t n) {
   }
 }
 
+void ResponseFramer::fail(kj::Exception&& e) {
+  if (failure == nullptr) failure = kj::mv(e);
+}
+
 void ResponseFramer::receivedEof() {
   if (failure != nullptr) return;
   KJ_IF_SOME(e, kj::runCatchingExceptions([&]() { parseEof(); })) {

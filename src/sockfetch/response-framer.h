@@ -95,6 +95,10 @@ public:
   // Why the response is malformed (or truncated), once that is known. Nothing after the point of
   // failure is ever passed on.
 
+  void fail(kj::Exception&& e);
+  // The owner lost track of what the connection delivered (a read it started was cancelled after
+  // it may have taken bytes): the response fails with `e`, unless it failed already.
+
   size_t take(kj::ArrayPtr<kj::byte> out);
   // Copies up to out.size() bytes that may be passed on, and returns how many.
 
