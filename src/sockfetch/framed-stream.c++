@@ -545,11 +545,16 @@ kj::Promise<size_t> FramedStream::readRaw() {
 }
 
 kj::Promise<size_t> FramedStream::startRawRead(kj::byte* into, size_t maxBytes) {
+  if (framer.isUpgrade()) {
+    // The new protocol's bytes (a WebSocket's), read as kj's own stream reads them: there is no
+    // response to lose track of, and the connection is never reused.
+    return tryReadSafely(*raw, into, 1, maxBytes);
+  }
   if (rawReadOutstanding) {
-    framer.fail(KJ_EXCEPTION(FAILED, "a read of the response was cancelled after it may have "
-        "taken bytes from the connection, so where the response ends is no longer known; the "
-        "connection was dropped: read a body to its end, or drop it, rather than cancel a read "
-        "and read on"));
+    framer.fail(KJ_EXCEPTION(FAILED, "a read of the response was cancelled, and it may have "
+        "taken bytes from the connection (which cannot be told), so where the response ends is "
+        "no longer known; the connection was dropped: read a body to its end, or drop it, rather "
+        "than cancel a read and read on"));
     return cloneException(KJ_ASSERT_NONNULL(framer.getFailure()));
   }
   rawReadOutstanding = true;

@@ -169,10 +169,12 @@ private:
   bool chunkedTerminatorWritten = false;
   kj::ArrayPtr<kj::byte> bodyBuffer;
   bool rawReadOutstanding = false;
-  // A raw read was started and its continuation has not run. Set when the next one starts, the
-  // last was cancelled (its consumer gave up on a read): kj's sockets read at once when bytes are
-  // waiting, so it may have taken bytes nobody counted, and the framer no longer knows where the
-  // response ends.
+  // A raw read of a response was started and its continuation has not run. Set when the next one
+  // starts, the last was cancelled (its consumer gave up on a read): kj's streams read as soon as
+  // bytes are there, in the call or in an event before the continuation's, so it may have taken
+  // bytes nobody counted, and the framer no longer knows where the response ends. Whether it did
+  // cannot be told, so the response fails either way. (Keeping the read running for the next one
+  // to adopt, as the idle read is, would tell; it costs a fulfiller and an eager node per read.)
 
   kj::Canceler rawWrites;  // writes in flight on a stream without a descriptor (see shutdownNow())
 

@@ -227,6 +227,7 @@ KJ_TEST("pool review: a WebSocket handshake handed an idle connection in the tur
       KJ_EXPECT(failure.getType() == kj::Exception::Type::DISCONNECTED, failure);
       if (contains(failure.getDescription(), "before this WebSocket handshake could be sent")) {
         sawHandedOver = true;
+        KJ_EXPECT(contains(failure.getDescription(), "keep the pool alive"), failure);
       } else {
         KJ_EXPECT(contains(failure.getDescription(), "while this request was waiting"), failure);
       }

@@ -684,8 +684,7 @@ public:
         return on(kj::mv(connection));
       });
     }
-    return KJ_EXCEPTION(DISCONNECTED,
-        "the ConnectionPool was destroyed before this WebSocket handshake could be sent");
+    return webSocketPoolGone();
   }
 
 private:
@@ -693,11 +692,15 @@ private:
   RequestCopy copy;
   bool retried = false;
 
+  static kj::Exception webSocketPoolGone() {
+    return KJ_EXCEPTION(DISCONNECTED, "the ConnectionPool was destroyed before this WebSocket "
+        "handshake could be sent; keep the pool alive until its handshakes are answered");
+  }
+
   kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {
     if (life->pool == nullptr) {
       // Came in the turn the pool was destroyed (see Attempt::send()).
-      return KJ_EXCEPTION(DISCONNECTED,
-          "the ConnectionPool was destroyed before this WebSocket handshake could be sent");
+      return webSocketPoolGone();
     }
     auto& fetcher = *connection->fetcher;
     kj::Maybe<kj::Promise<WebSocketResponse>> started;
@@ -984,8 +987,8 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   auto timeout = timer.afterDelay(settings.connectTimeout)
       .then([this]() -> kj::Own<kj::AsyncIoStream> {
     kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("connecting to the upstream",
-        upstreamName, " timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; check that it is "
-        "reachable, or raise Settings::connectTimeout")));
+        upstreamName, " timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; "
+        "check that it is reachable, or raise Settings::connectTimeout")));
   });
   // A connector that throws instead of returning a failed promise fails this attempt all the same.
   return kj::evalNow([this]() { return connector(); }).exclusiveJoin(kj::mv(timeout))

@@ -35,7 +35,8 @@ class ConnectionPool final: public kj::HttpClient {
   // and lets requests already sent finish, after which their connections close (one that fails
   // is then not retried).
   //
-  // Single-threaded, like everything in KJ.
+  // Single-threaded, like everything in KJ: use it on one event loop, and destroy it (with its
+  // responses and bodies) before that event loop.
 
 public:
   struct Settings {

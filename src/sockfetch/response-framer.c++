@@ -24,11 +24,23 @@ constexpr size_t NOT_HTTP_SHOWN = 40;
 // An answer that is not HTTP is refused once its first line, or this much of it, has come; the
 // error shows it.
 
-kj::Vector<kj::Array<kj::byte>>& bufferCache() {
+thread_local bool bufferCacheGone = false;
+// Set once the thread's cache is destroyed (the thread is exiting): a framer used after that, from
+// another thread-local's destructor say, allocates and frees its buffer itself. A bool has no
+// destructor, so it can be read at any point of the thread's exit.
+
+struct BufferCache {
+  kj::Vector<kj::Array<kj::byte>> buffers;
+  ~BufferCache() noexcept(false) { bufferCacheGone = true; }
+};
+
+kj::Maybe<kj::Vector<kj::Array<kj::byte>>&> bufferCache() {
   // Buffers of idle framers, kept for the next exchange on this thread: saves a large allocation
-  // and free per exchange while idle connections hold no buffer. At most CACHED_BUFFERS.
-  static thread_local kj::Vector<kj::Array<kj::byte>> cache;
-  return cache;
+  // and free per exchange while idle connections hold no buffer. At most CACHED_BUFFERS. Null
+  // once the thread's cache is gone.
+  if (bufferCacheGone) return nullptr;
+  static thread_local BufferCache cache;
+  return cache.buffers;
 }
 
 inline char lower(char c) {
@@ -303,13 +315,13 @@ void ResponseFramer::compact() {
 kj::ArrayPtr<kj::byte> ResponseFramer::space() {
   if (end < headEnd) headEnd = 0;  // what is read next may land on the head (see take())
   if (buffer.size() == 0) {
-    auto& cache = bufferCache();
-    if (cache.empty()) {
-      buffer = kj::heapArray<kj::byte>(INITIAL_BUFFER);
-    } else {
-      buffer = kj::mv(cache.back());
-      cache.removeLast();
+    KJ_IF_SOME(cache, bufferCache()) {
+      if (!cache.empty()) {
+        buffer = kj::mv(cache.back());
+        cache.removeLast();
+      }
     }
+    if (buffer.size() == 0) buffer = kj::heapArray<kj::byte>(INITIAL_BUFFER);
   }
   if (end == buffer.size()) compact();
   if (end == buffer.size()) {
@@ -496,9 +508,10 @@ void ResponseFramer::passThrough() {
 
 void ResponseFramer::freeBuffer() {
   if (begin == end) {
-    auto& cache = bufferCache();
-    if (buffer.size() == INITIAL_BUFFER && cache.size() < CACHED_BUFFERS) {
-      cache.add(kj::mv(buffer));
+    KJ_IF_SOME(cache, bufferCache()) {
+      if (buffer.size() == INITIAL_BUFFER && cache.size() < CACHED_BUFFERS) {
+        cache.add(kj::mv(buffer));
+      }
     }
     buffer = nullptr;
     begin = limit = parsed = end = messageEnd = lineStart = headEnd = 0;

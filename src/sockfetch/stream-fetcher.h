@@ -37,6 +37,12 @@ class StreamFetcher final: public kj::HttpClient {
   // Interim 1xx responses are skipped (so `Expect: 100-continue` works), HEAD/204/304 responses
   // are bodiless, and a 101 response ends reuse (openWebSocket() works over the connection).
   //
+  // A response body read that is cancelled (given up on: a timeout raced against it, say) makes
+  // the body's next read fail and the connection is dropped: the cancelled read may already have
+  // taken bytes from the connection, and no byte may be lost or taken for the wrong response. To
+  // bound how long a body may take, drop the body. After a 101, the WebSocket's reads are kj's
+  // own (a receive() may be given up on and called again).
+  //
   // A body delimited by the connection closing ends where the stream reports its end. Over
   // kj-tls 0.9.2 that includes a TCP close without TLS close_notify, which anyone on the path can
   // forge: such a body may be cut short without an error (it is never reused). Bodies framed by
@@ -47,7 +53,8 @@ class StreamFetcher final: public kj::HttpClient {
   // may outlive the fetcher and may be destroyed in any order; a response still in flight when
   // the fetcher is destroyed completes normally, and its connection is then closed.
   //
-  // Single-threaded: use it on the event loop that owns the stream.
+  // Single-threaded: use it on the event loop that owns the stream, and destroy it (with its
+  // responses and bodies) before that event loop, like any KJ object bound to one.
 
 public:
   struct Settings {
