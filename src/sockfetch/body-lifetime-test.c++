@@ -377,10 +377,12 @@ BOTH_TRANSPORTS(bodilessWithFetcherGone,
     kj::HttpMethod method;
     kj::StringPtr reply;
   };
-  for (auto c: {Case{kj::HttpMethod::HEAD, "HTTP/1.1 200 Head\r\nX-N: h\r\nContent-Length: 9\r\n\r\n"},
-           Case{kj::HttpMethod::GET, "HTTP/1.1 204 Nothing\r\nX-N: n\r\n\r\n"},
-           Case{kj::HttpMethod::GET, "HTTP/1.1 304 Same\r\nX-N: s\r\nContent-Length: 9\r\n\r\n"},
-           Case{kj::HttpMethod::GET, "HTTP/1.1 200 Empty\r\nX-N: e\r\nContent-Length: 0\r\n\r\n"}}) {
+  auto GET = kj::HttpMethod::GET;
+  auto HEAD = kj::HttpMethod::HEAD;
+  for (auto c: {Case{HEAD, "HTTP/1.1 200 Head\r\nX-N: h\r\nContent-Length: 9\r\n\r\n"},
+           Case{GET, "HTTP/1.1 204 Nothing\r\nX-N: n\r\n\r\n"},
+           Case{GET, "HTTP/1.1 304 Same\r\nX-N: s\r\nContent-Length: 9\r\n\r\n"},
+           Case{GET, "HTTP/1.1 200 Empty\r\nX-N: e\r\nContent-Length: 0\r\n\r\n"}}) {
     auto transport = env.tcp ? test::tcpTransport(env.io) : test::pipeTransport();
     env.fetcher = kj::heap<StreamFetcher>(kj::mv(transport.client), env.table, env.settings());
     env.peer = kj::heap<test::Peer>(env.ws, kj::mv(transport.server));

@@ -37,7 +37,8 @@ public:
   kj::Vector<char> bytes;
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
-    bytes.addAll(reinterpret_cast<const char*>(buffer), reinterpret_cast<const char*>(buffer) + size);
+    auto chars = reinterpret_cast<const char*>(buffer);
+    bytes.addAll(chars, chars + size);
     return kj::READY_NOW;
   }
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
@@ -131,7 +132,8 @@ BOTH_TRANSPORTS(minBytesPastEnd,
 
 BOTH_TRANSPORTS(oneByteChunked,
     "caller edge: one-byte reads across chunk lines, trailers and a late final CRLF") {
-  auto s = env.start(kj::HttpMethod::GET, "/", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+  auto s = env.start(kj::HttpMethod::GET, "/",
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
       "3\r\nabc\r\n1\r\nd\r\n2;ext=1\r\nef\r\n0\r\nX-One: 1\r\nX-Two: 2\r\n");
   auto& body = *s.response.body;
   kj::Vector<char> got;

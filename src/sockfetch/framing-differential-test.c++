@@ -550,7 +550,8 @@ private:
       out.addAll(chunkEol());
       out.addAll(payload.slice(pos, pos + n));
       if (!badEndDone && rng.chance(50)) {
-        static const kj::StringPtr BADEND[] = {"X\r\n"_kj, "\r\r\n"_kj, ""_kj, "\n\n"_kj, " \r\n"_kj};
+        static const kj::StringPtr BADEND[] = {
+            "X\r\n"_kj, "\r\r\n"_kj, ""_kj, "\n\n"_kj, " \r\n"_kj};
         out.addAll(rng.pick(BADEND));
         badEndDone = true;
       } else {
@@ -982,8 +983,8 @@ void check(const Case& c, const Outcome& o, kj::StringPtr where, Stats& stats,
   if (o.next == Next::MARKER) {
     KJ_IF_SOME(body, framerBody(c.bytes, c.method)) {
       if (o.first.body != body) {
-        fail(kj::str("DISAGREEMENT: reused, but kj-http's body differs from the framer's (framer: \"",
-            escape(body, 120), "\")"));
+        fail(kj::str("DISAGREEMENT: reused, but kj-http's body differs from the framer's "
+            "(framer: \"", escape(body, 120), "\")"));
       }
     } else {
       fail("reused, but the standalone framer does not read one complete response without residue");

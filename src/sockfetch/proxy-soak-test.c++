@@ -51,7 +51,7 @@ enum Fault {
   F_LENGTH,            // 200, Content-Length
   F_CHUNKED,           // 200, chunked
   F_TRAILERS,          // 200, chunked, with a trailer field
-  F_CONN_CLOSE,        // 200 + `Connection: close`; the upstream keeps the socket open (and watches)
+  F_CONN_CLOSE,        // 200 + `Connection: close`; the upstream keeps the socket open, watching
   F_HTTP10,            // HTTP/1.0 200 without keep-alive; the upstream keeps the socket open
   F_CLOSE_MID_BODY,    // half the response, then FIN
   F_RESET_BEFORE,      // reads the request, then RST without answering
@@ -836,7 +836,8 @@ public:
   kj::String report() {
     auto& s = pool->getStats();
     return kj::str("requests=", requestsSent, " ok=", outcome.ok, " errors=", outcome.errors,
-        " closed=", outcome.closed, " abandoned=", outcome.abandoned, " kjCut=", outcome.kjCutAsComplete, " upstream: accepted=",
+        " closed=", outcome.closed, " abandoned=", outcome.abandoned, " kjCut=",
+        outcome.kjCutAsComplete, " upstream: accepted=",
         upstream.accepted, " requests=", upstream.requests, " | pool: opened=",
         s.connectionsOpened, " requests=", s.requests, " reuses=", s.reuses, " retries=",
         s.retries, " dropped=", s.dropped(), " (peerClosedIdle=", s.droppedPeerClosedIdle,
@@ -1169,8 +1170,9 @@ private:
     ++outcome.abandoned;
     return open().then([this, bytes = kj::mv(bytes), cut, reset, delay](kj::Own<Down> d) mutable {
       auto& ref = *d;
-      auto write = kj::evalNow([&]() { return writeAll(*ref.stream, bytes.asBytes().slice(0, cut)); })
-          .then([]() {}, [](kj::Exception&&) {});
+      auto write = kj::evalNow([&]() {
+        return writeAll(*ref.stream, bytes.asBytes().slice(0, cut));
+      }).then([]() {}, [](kj::Exception&&) {});
       return write.then([this, delay]() { return env.timer.afterDelay(delay); })
           .then([&ref, reset]() {
         if (reset) setReset(*ref.stream);

@@ -299,7 +299,8 @@ Spec generate(Rng& rng, unsigned id, size_t tables) {
         break;
       case 4: s.ops.add(HeaderOp{rng.chance(50), kj::str("X-Empty"), kj::str("")}); break;
       case 5:
-        s.ops.add(HeaderOp{true, kj::str("X-Long"), kj::str(kj::repeat('v', 100 + rng.below(4000)))});
+        s.ops.add(HeaderOp{true, kj::str("X-Long"),
+            kj::str(kj::repeat('v', 100 + rng.below(4000)))});
         break;
       case 6: s.ops.add(HeaderOp{true, kj::str("X-Many-", rng.below(70)), kj::str("m", i)}); break;
       case 7: s.ops.add(HeaderOp{false, kj::str("Accept"), kj::str("a/", i)}); break;
