@@ -551,6 +551,7 @@ kj::Promise<size_t> FramedStream::startRawRead(kj::byte* into, size_t maxBytes) 
     return tryReadSafely(*raw, into, 1, maxBytes);
   }
   if (rawReadOutstanding) {
+    readCancelled = framer.getFailure() == nullptr;
     framer.fail(KJ_EXCEPTION(FAILED, "a read of the response was cancelled, and it may have "
         "taken bytes from the connection (which cannot be told), so where the response ends is "
         "no longer known; the connection was dropped: read a body to its end, or drop it, rather "

@@ -115,6 +115,9 @@ public:
   // disagree where the body ends: that read fails instead of waiting forever.
 
   ResponseFramer& getFramer() { return framer; }
+  bool readWasCancelled() const { return readCancelled; }
+  // The response failed because a read of it was cancelled (see rawReadOutstanding): the
+  // consumer's doing, not the server's.
   uint64_t getWritesInFlight() const { return writesInFlight; }
   uint64_t getWritesCompleted() const { return writesCompleted; }
   bool sawChunkedTerminator() const { return chunkedTerminatorWritten; }
@@ -168,6 +171,7 @@ private:
   uint64_t writesCompleted = 0;
   bool chunkedTerminatorWritten = false;
   kj::ArrayPtr<kj::byte> bodyBuffer;
+  bool readCancelled = false;  // the response failed for a cancelled read
   bool rawReadOutstanding = false;
   // A raw read of a response was started and its continuation has not run. Set when the next one
   // starts, the last was cancelled (its consumer gave up on a read): kj's streams read as soon as

@@ -470,9 +470,16 @@ bool StreamFetcher::ResponseBody::isEnd(size_t n, size_t minBytes) {
 
 void StreamFetcher::ResponseBody::readFailed(const kj::Exception& e) {
   setBodyBuffer(nullptr);
+  // (Before endResponse(), which may let go of the stream.)
+  bool cancelled = exchange.stream.get() != nullptr && exchange.stream->readWasCancelled();
   exchange.endResponse();
-  exchange.fail(CloseKind::FAILED,
-      kj::str("reading the previous response body failed: ", e.getDescription()));
+  if (cancelled) {
+    exchange.fail(CloseKind::ABANDONED,
+        kj::str("a read of the previous response body was cancelled: ", e.getDescription()));
+  } else {
+    exchange.fail(CloseKind::FAILED,
+        kj::str("reading the previous response body failed: ", e.getDescription()));
+  }
 }
 
 void StreamFetcher::ResponseBody::reachedEndNow() {
