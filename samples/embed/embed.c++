@@ -127,10 +127,7 @@ public:
         poolSettings.maxConnections, " connections): connections opened ",
         stats.connectionsOpened, " (server accepted ", accepted - acceptedBefore, "), reuses ",
         stats.reuses, ", waits ", stats.waits, ", retries ", stats.retries, ", dropped ",
-        stats.droppedFailed + stats.droppedStale + stats.droppedAbandoned +
-            stats.droppedConnectionClose +
-            stats.droppedUnsolicitedBytes + stats.droppedPeerClosedIdle,
-        ", idle now ", pool.getIdleCount()));
+        stats.dropped(), ", idle now ", pool.getIdleCount()));
     if (stats.connectionsOpened > poolSettings.maxConnections) {
       context.exitError("the pool opened more connections than allowed");
     }

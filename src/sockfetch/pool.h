@@ -29,8 +29,8 @@ class ConnectionPool final: public kj::HttpClient {
   // or one of known size up to Settings::maxReplayBodyBytes, which the pool then buffers before
   // sending). Never twice, and never a POST whose bytes reached the server.
   //
-  // Lifetimes: the timer, the header table and (for the address constructor) the address must
-  // outlive the pool. Requests, responses and bodies may outlive it: destroying the pool fails
+  // Lifetimes: the timer and (for the address constructor) the address must outlive the pool,
+  // the header table the pool and every response. Requests, responses and bodies may outlive it: destroying the pool fails
   // requests still waiting for a connection (DISCONNECTED, "the ConnectionPool was destroyed")
   // and lets requests already sent finish, after which their connections close (one that fails
   // is then not retried).
@@ -82,7 +82,7 @@ public:
     uint64_t droppedConnectionClose = 0;  // the server sent `Connection: close`
     uint64_t droppedNotReusable = 0;      // HTTP/1.0, body delimited by close, bad framing
     uint64_t droppedUpgraded = 0;         // 101 (WebSocket)
-    uint64_t droppedAbandoned = 0;        // a body dropped early, a request cancelled
+    uint64_t droppedAbandoned = 0;        // a body dropped early, a request or read cancelled
     uint64_t droppedRequestIncomplete = 0;// response ended before the request was sent
     uint64_t droppedStale = 0;            // a reused connection failed before any response byte:
                                           // the server had closed it (the keep-alive race)

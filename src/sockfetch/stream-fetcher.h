@@ -85,7 +85,14 @@ public:
   // or has a space or a control character (FAILED; see requireValidRequestTarget()), if a request
   // is in flight (FAILED, "one request at a time"), if the connection was dropped (DISCONNECTED,
   // with the reason), or if it was released (FAILED). `url` and `headers` need only remain valid
-  // until this returns.
+  // until this returns; `headers` must carry Host (neither this nor kj-http adds one).
+  //
+  // Failures later, of the response promise or a body read: DISCONNECTED when the connection
+  // went away (closed before the response began, or reset; safe to send again on a new
+  // connection if the request is idempotent, or if lastExchangeWroteRequest() is false); FAILED
+  // when the response was malformed, cut short or over a limit, or the caller misused the
+  // exchange (a read after a cancelled one, a write past the declared length); the message says
+  // which.
   //
   // The request body, if any, must be written and then dropped; the connection is reused only if
   // the whole body reached it before the response body was read to its end. A body dropped before
@@ -113,7 +120,7 @@ public:
 
   State getState() const;
   kj::Maybe<kj::StringPtr> getCloseReason() const;
-  // Why the connection was dropped, while CLOSED.
+  // Why the connection was dropped, while CLOSED (valid as long as the fetcher).
 
   enum class CloseKind {
     NONE,                // not closed
@@ -139,12 +146,14 @@ public:
   // upstream's address rather than to retry.
 
   bool lastExchangeReceivedResponse() const { return lastResponseBytes; }
-  // Whether the last exchange received any byte of a response. A request that failed on a
-  // reused connection before any response byte arrived may be retried elsewhere.
+  // Whether the last exchange received any byte of a response (meaningful once it ended: IDLE
+  // or CLOSED). A request that failed on a reused connection before any response byte arrived
+  // may be retried elsewhere.
 
   bool lastExchangeWroteRequest() const { return lastRequestBytes; }
-  // Whether any byte of the last exchange's request reached the connection. A request that
-  // failed before that (the idle connection was found closed) is safe to retry, whatever it is.
+  // Whether any byte of the last exchange's request reached the connection (meaningful once it
+  // ended). A request that failed before that (the idle connection was found closed, or the
+  // kernel refused its first write) is safe to retry, whatever it is.
 
   class Observer {
   public:
