@@ -41,17 +41,20 @@ class ConnectionPool final: public kj::HttpClient {
 public:
   struct Settings {
     unsigned maxConnections = 64;
-    // Connections open at once (busy + idle + being opened). A failed exchange's connection
-    // counts until it is closed (once its response is over); an upgraded one (101) leaves the
-    // pool, and no longer counts.
+    // Connections open at once (busy + idle + being opened); at least 1 (the constructor throws
+    // otherwise). A failed exchange's connection counts until it is closed (once its response is
+    // over); an upgraded one (101) leaves the pool, and no longer counts.
     unsigned maxIdleConnections = 32;
-    // Idle connections kept; a connection coming back to a full idle set is closed.
+    // Idle connections kept; a connection coming back to a full idle set is closed (0: none is
+    // kept, so none is reused).
     kj::Duration idleTimeout = 60 * kj::SECONDS;
-    // An idle connection unused this long is closed (kj::maxValue: never).
+    // An idle connection unused this long is closed (kj::maxValue: never). The three timeouts
+    // may not be negative (the constructor throws); 0 means at once.
     uint64_t maxRequestsPerConnection = 0;
     // A connection that served this many requests is closed instead of reused (0: no limit).
     unsigned maxWaiting = 1024;
-    // Requests that may wait for a connection when all are busy. Past it: OVERLOADED at once.
+    // Requests that may wait for a connection when all are busy. Past it (or at 0): OVERLOADED
+    // at once.
     kj::Duration waitTimeout = 30 * kj::SECONDS;
     // A request that waited this long for a connection fails with OVERLOADED (kj::maxValue:
     // never).
@@ -62,7 +65,8 @@ public:
     // Close every connection after one request: for upstreams not trusted to frame responses
     // correctly. Requests are still never pipelined.
     size_t maxReplayBodyBytes = 64 * 1024;
-    // Request bodies of known size up to this are buffered so that a retry can replay them.
+    // Request bodies of known size up to this are buffered so that a retry can replay them (0:
+    // none is; a request with a body is then sent again only if none of it was taken).
     StreamFetcher::Settings fetcher;
     // Passed to every StreamFetcher.
   };
