@@ -304,7 +304,9 @@ KJ_TEST("ResponseFramer frames well-formed responses the same whatever the split
      Expect::COMPLETE, nullptr, nullptr, kj::HttpMethod::GET, false, 1},
     {"chunked, upper-case hex and leading zeros"_kj,
      BYTES("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n00A\r\n0123456789\r\n000\r\n\r\n"),
-     Expect::COMPLETE, nullptr, nullptr, kj::HttpMethod::GET, false, 2},
+     Expect::COMPLETE, nullptr, nullptr, kj::HttpMethod::GET, false, 2, {},
+     // Leading zeros are not passed on (kj-http refuses a long chunk-size line cut by a read).
+     BYTES("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n")},
     {"1xx before final"_kj, BYTES("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
      Expect::COMPLETE,
      BYTES("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n"
@@ -431,19 +433,20 @@ KJ_TEST("ResponseFramer rejects malformed responses the same whatever the split"
 KJ_TEST("ResponseFramer checks the CRLF after chunk data the same at its buffer's end") {
   // The framer's buffer starts at 4096 bytes and is compacted when full. Arrange for the CR after
   // a chunk's data to be the buffer's last byte: a second CR must be rejected there as anywhere.
-  auto head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nf00\r\n"_kj;
-  size_t dataSize = 0xf00;
+  auto head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\ne00\r\n"_kj;
+  size_t dataSize = 0xe00;
   size_t fill = 4096 - head.size() - 1;  // bytes of data and more before the CR
   KJ_ASSERT(fill > dataSize);
   // A second, padding chunk so that the first chunk's CR lands exactly at offset 4095.
   size_t pad = fill - dataSize - strlen("\r\n") - strlen("000\r\n");
-  KJ_ASSERT(pad < 0x1000);
+  KJ_ASSERT(pad >= 0x100 && pad < 0x1000);  // three digits, none a leading zero (not passed on)
   const char* digits = "0123456789abcdef";
   char padLine[] = {digits[pad >> 8], digits[(pad >> 4) & 15], digits[pad & 15], 0};
   auto text = kj::str(head, kj::repeat('d', dataSize), "\r\n", padLine, "\r\n",
       kj::repeat('p', pad), "\r\r\n0\r\n\r\n");
   KJ_ASSERT(text[4095] == '\r' && text[4096] == '\r', text.size());
   Case c = {"CR CR LF at the buffer's end"_kj, text.asArray(), Expect::FAIL};
+
   // Read directly (as FramedStream does for large consumer buffers), the chunk data never enters
   // the buffer, so the CR lands elsewhere: the same bytes are then rejected, as they must be.
   size_t afterHead[] = {head.size()};

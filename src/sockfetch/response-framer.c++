@@ -923,7 +923,7 @@ kj::Maybe<kj::String> ResponseFramer::findFieldKjRefuses() const {
 }
 
 kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char> line) {
-  // chunk-size [ chunk-ext ] CRLF, where chunk-size is hex. Returns the size's digits.
+  // chunk-size [ chunk-ext ] CRLF, where chunk-size is hex. Returns the size's significant digits.
   auto text = trim(line);
   size_t i = 0;
   uint64_t size = 0;
@@ -947,7 +947,12 @@ kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char>
     kj::throwFatalException(malformed("invalid chunk-size line"));
   }
   remaining = size;
-  return text.slice(0, i);
+  // Without leading zeros (all but the last of a zero size): kj-http 0.9.2 refuses a chunk-size
+  // line longer than 32 bytes when it does not have the whole line in one read, and a size below
+  // 2^60 (checked above) has at most 15 significant digits.
+  size_t first = 0;
+  while (first + 1 < i && text[first] == '0') first++;
+  return text.slice(first, i);
 }
 
 size_t ResponseFramer::keepOnly(size_t from, size_t size, size_t lineEnd) {
