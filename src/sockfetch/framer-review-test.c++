@@ -177,9 +177,9 @@ KJ_TEST("a chunk size written with leading zeros is read whatever the head's siz
     KJ_EXPECT(!contains(outcome, "invalid HTTP chunk size"), outcome);
   }
   {
-    // The same bytes in one write fail, in two writes they are read: the verdict depends on where
-    // the reads were cut (after a 3950-byte chunk, the 40-digit line lands at kj's buffer end only
-    // if kj's first read took the head and the chunk together).
+    // The same bytes in one write and in two are read alike (after a 3950-byte chunk, the
+    // 40-digit line lands at kj's buffer end when kj's first read takes the head and the chunk
+    // together).
     auto reply = kj::str(chunkedHead(100), "f6e\r\n", kj::repeat('x', 0xf6e), "\r\n",
         kj::repeat('0', 39), "5\r\nhello\r\n0\r\n\r\n");
     auto expected = kj::str("200 ", kj::repeat('x', 0xf6e), "hello");
