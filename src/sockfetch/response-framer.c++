@@ -31,7 +31,7 @@ thread_local bool bufferCacheGone = false;
 
 struct BufferCache {
   kj::Vector<kj::Array<kj::byte>> buffers;
-  ~BufferCache() noexcept(false) { bufferCacheGone = true; }
+  ~BufferCache() { bufferCacheGone = true; }
 };
 
 kj::Maybe<kj::Vector<kj::Array<kj::byte>>&> bufferCache() {

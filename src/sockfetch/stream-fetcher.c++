@@ -474,8 +474,7 @@ void StreamFetcher::ResponseBody::readFailed(const kj::Exception& e) {
   bool cancelled = exchange.stream.get() != nullptr && exchange.stream->readWasCancelled();
   exchange.endResponse();
   if (cancelled) {
-    exchange.fail(CloseKind::ABANDONED,
-        kj::str("a read of the previous response body was cancelled: ", e.getDescription()));
+    exchange.fail(CloseKind::ABANDONED, kj::str(e.getDescription()));  // it says so
   } else {
     exchange.fail(CloseKind::FAILED,
         kj::str("reading the previous response body failed: ", e.getDescription()));
