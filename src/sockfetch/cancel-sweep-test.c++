@@ -916,7 +916,7 @@ constexpr Act FETCHER_ACTS[] = {Act::CANCEL_RESPONSE, Act::DROP_BODY, Act::DROP_
     Act::ABANDON_AND_REQUEST};
 constexpr Act POOL_ACTS[] = {Act::CANCEL_RESPONSE, Act::DROP_BODY, Act::DROP_REQUEST_BODY,
     Act::DROP_EVERYTHING, Act::ABANDON_AND_REQUEST};
-// The pool destroyed at every turn: in the BUG cases at the end.
+// The pool destroyed at every turn: in the cases at the end.
 constexpr Act FETCHER_WARM_ACTS[] = {Act::CANCEL_RESPONSE, Act::DROP_BODY,
     Act::DROP_REQUEST_BODY, Act::DESTROY_CLIENT, Act::DROP_EVERYTHING, Act::RELEASE,
     Act::SECOND_REQUEST, Act::ABANDON_AND_REQUEST};
@@ -971,20 +971,11 @@ SWEEP_BOTH(WEBSOCKET, POOL)
 // =================================================================================================
 // The pool destroyed at every turn.
 //
-// Contract (pool.h, "Lifetimes"): destroying the pool lets requests already sent finish, "after
-// which their connections close"; requests still waiting for a connection fail. Expected: at
-// every k, once the exchange is over and everything is dropped, the upstream sees every
-// connection closed. Observed: when the pool is destroyed in a turn between a connection reaching
-// a request's chain and the request being sent on it, the request is still sent and answered,
-// but its connection is never closed: the upstream sees it open for good (and the Connection, its
-// StreamFetcher and the socket leak). On a new connection: k = 3 (pipe) or 4 (TCP) for a GET,
-// k = 6 or 8 for a POST (whose body is buffered first); on a reused one, a buffered POST at k = 5.
-// Cause: ~ConnectionPool() detach()es every connection (pool = nullptr, observer cleared, `busy`
-// dropped); the chain of Attempt::run() then still calls send() with the connection it was
-// handed, and Connection::countUse() takes `busy = kj::addRef(*this)` (pool.c++, countUse())
-// although the fetcher will never call back (its observer is gone): a reference cycle nothing
-// breaks. Fix: in countUse(), take `busy` only while `pool != nullptr` (checked: every sweep then
-// passes), or have Attempt::send() fail (pool()) once life->pool is null.
+// Contract (pool.h, "Lifetimes"): destroying the pool fails requests not yet sent and lets those
+// sent finish, after which their connections close. At every k, once the exchange is over and
+// everything is dropped, the upstream sees every connection closed: also when the pool goes in
+// the turn between a connection reaching a request's chain and the request being sent on it (the
+// request then fails, and the connection, no longer the pool's, closes unused).
 
 void destroyPoolAtEveryTurn(SweepEnv& env) {
   constexpr Act acts[] = {Act::DESTROY_CLIENT};
@@ -997,16 +988,14 @@ void destroyPoolAtEveryTurn(SweepEnv& env) {
   }
 }
 
-KJ_TEST("BUG: ConnectionPool destroyed at every turn of every exchange: a request handed its "
-    "connection in the turn the pool goes is sent anyway, and that connection never closes "
-    "(in-process pipe)") {
+KJ_TEST("ConnectionPool destroyed at every turn of every exchange: every connection closes, "
+    "also one handed to a request in the turn the pool goes (in-process pipe)") {
   SweepEnv env(false, false);
   destroyPoolAtEveryTurn(env);
 }
 
-KJ_TEST("BUG: ConnectionPool destroyed at every turn of every exchange: a request handed its "
-    "connection in the turn the pool goes is sent anyway, and that connection never closes "
-    "(loopback TCP)") {
+KJ_TEST("ConnectionPool destroyed at every turn of every exchange: every connection closes, "
+    "also one handed to a request in the turn the pool goes (loopback TCP)") {
   SweepEnv env(true, false);
   destroyPoolAtEveryTurn(env);
 }
