@@ -14,7 +14,8 @@
 //  - take() into an empty buffer, receivedDirect() exactly to the end of a body or a chunk, the CR
 //    LF after chunk data split between reads;
 //  - a residue after a complete response, finish(), start() refused, takeAll(), and a new exchange
-//    framed on the reused buffer.
+//    framed on the reused buffer;
+//  - a trailer line of blanks: a fold after a field, not a field before one, never the end.
 //
 // Everything is in-process (direct calls, or a StreamFetcher over a pipe); every wait is bounded.
 
@@ -388,6 +389,29 @@ KJ_TEST("ResponseFramer keeps a residue through finish(), refuses start() over i
   } else {
     KJ_FAIL_EXPECT("garbage after earlier responses was not refused");
   }
+}
+
+KJ_TEST("a trailer line of blanks after a field continues it; before any field it is not a "
+    "field; only an empty line ends the trailer section") {
+  // RFC 9112 5.2: a line that begins with a blank continues the field before it (obsolete line
+  // folding), also when it holds nothing else; the trailer section ends with an empty line. So
+  // "X: 1", " ", "" is one field and the end, whatever the cuts, with nothing left over (taking
+  // the blank line for the end would leave the real end as two bytes nobody asked for, and drop
+  // the connection with a wrong reason).
+  auto head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"_kj;
+  for (auto trailers: {"X: 1\r\n \r\n\r\n"_kj, "X: 1\r\n\t \r\n\r\n"_kj, "X: 1\n  \n\n"_kj}) {
+    KJ_CONTEXT(trailers);
+    auto text = kj::str(head, trailers);
+    for (size_t cut = 0; cut <= text.size(); cut++) {
+      size_t cuts[] = {cut};
+      auto o = feedCuts(text, cuts);
+      KJ_EXPECT(o.complete && o.residue == 0 && o.failure.size() == 0, cut, o.describe());
+    }
+  }
+  auto o = feedCuts(kj::str(head, " \r\n\r\n"), nullptr);
+  KJ_EXPECT(!o.complete, o.describe());
+  KJ_EXPECT(contains(o.failure, "a line in its trailer section that is not a field: a line of "
+      "blanks"), o.describe());
 }
 
 }  // namespace

@@ -994,7 +994,10 @@ bool ResponseFramer::parseTrailerLine() {
         limits.maxChunkLineBytes));
   }
   auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
-  if (line.size() == 0) {
+  size_t contentEnd = lineEnd > lineStart && chars[lineEnd - 1] == '\r' ? lineEnd - 1 : lineEnd;
+  if (contentEnd == lineStart) {
+    // The empty line that ends the section. (A line of blanks is not empty: after a field it
+    // continues it, as any fold does; before one it is not a field.)
     parsed = lineEnd + 1;
     lineStart = parsed;
     messageEnd = parsed;
@@ -1012,9 +1015,10 @@ bool ResponseFramer::parseTrailerLine() {
     auto raw = kj::arrayPtr(chars + lineStart, lineEnd - lineStart);
     auto colon = reinterpret_cast<const char*>(memchr(raw.begin(), ':', raw.size()));
     if (colon == nullptr || !isFieldName(nameBefore(raw, colon - raw.begin()))) {
+      auto shown = line.size() == 0 ? kj::str("a line of blanks")
+          : quoteBytes(line.slice(0, kj::min(line.size(), NOT_HTTP_SHOWN + 1)), NOT_HTTP_SHOWN);
       kj::throwFatalException(malformed(kj::str("a line in its trailer section that is not a "
-          "field: ", quoteBytes(line.slice(0, kj::min(line.size(), NOT_HTTP_SHOWN + 1)),
-          NOT_HTTP_SHOWN))));
+          "field: ", shown)));
     }
     trailerFieldSeen = true;
   }
