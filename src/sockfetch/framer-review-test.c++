@@ -15,7 +15,8 @@
 //    LF after chunk data split between reads;
 //  - a residue after a complete response, finish(), start() refused, takeAll(), and a new exchange
 //    framed on the reused buffer;
-//  - a trailer line of blanks: a fold after a field, not a field before one, never the end.
+//  - a trailer line of blanks: a fold after a field, not a field before one, never the end;
+//  - a close after an interim response, said as such.
 //
 // Everything is in-process (direct calls, or a StreamFetcher over a pipe); every wait is bounded.
 
@@ -412,6 +413,20 @@ KJ_TEST("a trailer line of blanks after a field continues it; before any field i
   KJ_EXPECT(!o.complete, o.describe());
   KJ_EXPECT(contains(o.failure, "a line in its trailer section that is not a field: a line of "
       "blanks"), o.describe());
+}
+
+KJ_TEST("a close after an interim response says the final response never came") {
+  // The server sent `100 Continue` (or `103`) and closed: it did send something, so "without
+  // sending a response" would be untrue; the failure says so, DISCONNECTED as any close.
+  ResponseFramer framer;
+  framer.start(kj::HttpMethod::POST);
+  receive(framer, "HTTP/1.1 100 Continue\r\n\r\n");
+  KJ_EXPECT(takeAllText(framer) == "");
+  framer.receivedEof();
+  auto& e = KJ_ASSERT_NONNULL(framer.getFailure());
+  KJ_EXPECT(e.getType() == kj::Exception::Type::DISCONNECTED, e);
+  KJ_EXPECT(contains(e.getDescription(), "the server closed the connection after an interim "
+      "(1xx) response, without sending the final one"), e);
 }
 
 }  // namespace

@@ -372,6 +372,11 @@ void ResponseFramer::parseEof() {
     case State::HEAD:
       if (!startsLikeStatusLine()) kj::throwFatalException(notAStatusLine(firstLineSoFar()));
       if (end == begin && !headParsed) {
+        if (interimResponses > 0) {
+          kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the server closed the connection "
+              "after an interim (1xx) response, without sending the final one; retry on a new "
+              "connection if the request is safe to repeat"));
+        }
         kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED,
             "the server closed the connection without sending a response; retry on a new "
             "connection if the request is safe to repeat"));

@@ -88,9 +88,9 @@ public:
   // until this returns; `headers` must carry Host (neither this nor kj-http adds one).
   //
   // Failures later, of the response promise or a body read: DISCONNECTED when the connection
-  // went away (closed before the response began, or reset; safe to send again on a new
-  // connection if the request is idempotent, or if lastExchangeWroteRequest() is false); FAILED
-  // when the response was malformed, cut short or over a limit, or the caller misused the
+  // went away (closed or reset, before the response or in the middle of it; safe to send again
+  // on a new connection if the request is idempotent, or if lastExchangeWroteRequest() is
+  // false); FAILED when the response was malformed or over a limit, or the caller misused the
   // exchange (a read after a cancelled one, a write past the declared length); the message says
   // which.
   //
