@@ -24,6 +24,12 @@ struct ChainLink {
   bool linked = false;
 };
 
+kj::Exception poolGoneBeforeSent(kj::StringPtr what, kj::StringPtr until) {
+  // A request or handshake whose pool was destroyed before it could be sent on a connection.
+  return KJ_EXCEPTION(DISCONNECTED, kj::str("the ConnectionPool was destroyed before this ", what,
+      " could be sent; keep the pool alive until its ", until));
+}
+
 bool isIdempotent(kj::HttpMethod method) {
   switch (method) {
     case kj::HttpMethod::GET:
@@ -397,8 +403,7 @@ public:
   }
 
   static kj::Exception poolGone() {
-    return KJ_EXCEPTION(DISCONNECTED, "the ConnectionPool was destroyed before this request "
-        "could be sent; keep the pool alive until its requests have their responses");
+    return poolGoneBeforeSent("request", "requests have their responses");
   }
 
   kj::Promise<Response> sendLater(kj::Own<Connection> connection) {
@@ -693,8 +698,7 @@ private:
   bool retried = false;
 
   static kj::Exception webSocketPoolGone() {
-    return KJ_EXCEPTION(DISCONNECTED, "the ConnectionPool was destroyed before this WebSocket "
-        "handshake could be sent; keep the pool alive until its handshakes are answered");
+    return poolGoneBeforeSent("WebSocket handshake", "handshakes are answered");
   }
 
   kj::Promise<WebSocketResponse> on(kj::Own<Connection> connection) {

@@ -30,10 +30,10 @@ class ConnectionPool final: public kj::HttpClient {
   // sending). Never twice, and never a POST whose bytes reached the server.
   //
   // Lifetimes: the timer and (for the address constructor) the address must outlive the pool,
-  // the header table the pool and every response. Requests, responses and bodies may outlive it: destroying the pool fails
-  // requests still waiting for a connection (DISCONNECTED, "the ConnectionPool was destroyed")
-  // and lets requests already sent finish, after which their connections close (one that fails
-  // is then not retried).
+  // the header table the pool and every response. Requests, responses and bodies may outlive
+  // it: destroying the pool fails requests not yet sent (DISCONNECTED, "the ConnectionPool was
+  // destroyed") and lets requests already sent finish, after which their connections close (one
+  // that fails is then not retried).
   //
   // Single-threaded, like everything in KJ: use it on one event loop, and destroy it (with its
   // responses and bodies) before that event loop.
