@@ -39,8 +39,9 @@ class StreamFetcher final: public kj::HttpClient {
   //
   // A response body read that is cancelled (given up on: a timeout raced against it, say) makes
   // the body's next read fail and the connection is dropped: the cancelled read may already have
-  // taken bytes from the connection, and no byte may be lost or taken for the wrong response. To
-  // bound how long a body may take, drop the body. After a 101, the WebSocket's reads are kj's
+  // taken bytes from the connection (and kj-http's chunked reader keeps a partly read chunk-size
+  // line only in that read), and no byte may be lost or taken for the wrong response. To bound
+  // how long a body may take, drop the body. After a 101, the WebSocket's reads are kj's
   // own (a receive() may be given up on and called again).
   //
   // A body delimited by the connection closing ends where the stream reports its end. Over
