@@ -5,6 +5,7 @@
 
 #include <kj/debug.h>
 #include <kj/vector.h>
+#include <errno.h>
 #include <string.h>
 
 namespace sockfetch {
@@ -186,6 +187,25 @@ kj::Promise<kj::Own<kj::AsyncIoStream>> readProxyAnswer(kj::Own<ProxyHandshake> 
   });
 }
 
+kj::StringPtr connectAdvice(kj::StringPtr failure) {
+  // What to do about a failed connect, told by kj's message, which quotes strerror() (so the
+  // comparison holds in any locale): running out of descriptors or memory is this process's
+  // doing, not the server's.
+  for (int error: {EMFILE, ENFILE}) {
+    if (strstr(failure.cStr(), strerror(error)) != nullptr) {
+      return "this process (or the system) has no file descriptor left: raise the limit "
+          "(`ulimit -n`), or lower the pool's maxConnections and maxIdleConnections";
+    }
+  }
+  for (int error: {ENOBUFS, ENOMEM}) {
+    if (strstr(failure.cStr(), strerror(error)) != nullptr) {
+      return "the system is short of memory for sockets: try again later, or open fewer "
+          "connections";
+    }
+  }
+  return "check that a server is running and listening at that address";
+}
+
 }  // namespace
 
 Connector addressConnector(kj::NetworkAddress& address) {
@@ -195,8 +215,8 @@ Connector addressConnector(kj::NetworkAddress& address) {
       // kj's own message ("connect(): Connection refused") names neither the address nor what
       // to do. The type stays: DISCONNECTED for a refusal, FAILED for a socket path not there.
       kj::throwFatalException(kj::Exception(e.getType(), __FILE__, __LINE__,
-          kj::str("connecting to ", address.toString(), " failed (", e.getDescription(),
-              "); check that a server is running and listening at that address")));
+          kj::str("connecting to ", address.toString(), " failed (", e.getDescription(), "); ",
+              connectAdvice(e.getDescription()))));
     });
   };
 }

@@ -22,6 +22,8 @@ constexpr size_t DIRECT_READ_MIN = 2048;
 constexpr kj::StringPtr POISONED_IDLE = "the server sent data on the idle connection while no "
     "request was outstanding, so the connection was dropped as poisoned"_kj;
 constexpr kj::StringPtr CLOSED_IDLE = "the server closed the idle connection"_kj;
+constexpr kj::StringPtr CLOSED_NEW = "the server closed the connection before any request was "
+    "sent on it"_kj;
 
 }  // namespace
 
@@ -287,9 +289,10 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::probeLoss() {
     if (outcome.is<ProbeGotByte>()) {
       return unsolicited(kj::arrayPtr(reinterpret_cast<const char*>(&probeByte), 1));
     } else if (outcome.is<ProbeGotEof>()) {
-      return IdleLoss{false, kj::str(CLOSED_IDLE)};
+      return IdleLoss{false, kj::str(carriedExchange ? CLOSED_IDLE : CLOSED_NEW)};
     } else if (outcome.is<kj::Exception>()) {
-      return IdleLoss{false, kj::str("the idle connection failed: ",
+      return IdleLoss{false, kj::str(carriedExchange ? "the idle connection failed: "
+          : "the connection failed before any request was sent on it: ",
           outcome.get<kj::Exception>().getDescription())};
     }
   }
@@ -314,9 +317,10 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::peekSocket() {
       n = recv(fd, seen, sizeof(seen), MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     if (n > 0) return unsolicited(kj::arrayPtr(seen, n));
-    if (n == 0) return IdleLoss{false, kj::str(CLOSED_IDLE)};
+    if (n == 0) return IdleLoss{false, kj::str(carriedExchange ? CLOSED_IDLE : CLOSED_NEW)};
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOTSOCK) {
-      return IdleLoss{false, kj::str("the idle connection failed: ", strerror(errno))};
+      return IdleLoss{false, kj::str(carriedExchange ? "the idle connection failed: "
+          : "the connection failed before any request was sent on it: ", strerror(errno))};
     }
   }
   return nullptr;
@@ -397,8 +401,9 @@ void FramedStream::failGate(IdleLoss loss) {
       ? KJ_EXCEPTION(DISCONNECTED, "the server sent data on the idle connection before the "
             "request was written, so the connection was dropped as poisoned; retry on a new "
             "connection")
-      : KJ_EXCEPTION(DISCONNECTED, kj::str(loss.reason, " before the request was written; retry "
-            "on a new connection"));
+      : KJ_EXCEPTION(DISCONNECTED, kj::str(loss.reason, carriedExchange
+            ? " before the request was written" : " (nothing was written)",
+            "; retry on a new connection"));
   gateLoss = kj::mv(loss);
   kj::throwFatalException(kj::mv(exception));
 }

@@ -129,15 +129,31 @@ private:
   }
 };
 
-kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst) {
-  // (The pool sends such a request once more itself; this is what it says if that fails too.)
+kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst, bool newConnection,
+    kj::StringPtr upstreamName) {
+  // (The pool sends such a request once more itself, on a new connection; this is what it says
+  // if that fails too, and so about a new connection.)
   if (serverSpokeFirst) {
     // `reason` says to check the upstream's address: sending again would meet the same.
-    return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
-        "was sent: ", reason));
+    return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection to the upstream",
+        upstreamName, " was lost before the request was sent: ", reason));
   }
-  return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection was lost before the request "
-      "was sent (", reason, "); nothing of it was written, so it is safe to send again"));
+  if (newConnection) {
+    // Sending again would most likely meet the same: the server is not keeping connections.
+    return KJ_EXCEPTION(DISCONNECTED, kj::str("a new connection to the upstream", upstreamName,
+        " was lost before the request was sent on it (", reason, "); nothing of it was written: "
+        "check that the upstream accepts connections and keeps them open (it may be at its "
+        "connection limit)"));
+  }
+  return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection to the upstream",
+      upstreamName, " was lost before the request was sent (", reason, "); nothing of it was "
+      "written, so it is safe to send again"));
+}
+
+kj::String showDuration(kj::Duration d) {
+  // "30 ms", as the pool's messages always said; kj's own form ("500μs") where that would round.
+  if (d % kj::MILLISECONDS == 0 * kj::SECONDS) return kj::str(d / kj::MILLISECONDS, " ms");
+  return kj::str(d);
 }
 
 enum class BodyMode { NONE, BUFFERED, STREAMING };
@@ -165,13 +181,15 @@ bool mayRetry(const kj::Exception& e, bool replayable, bool idempotent, bool sta
       (!wroteAny || (staleCandidate && idempotent));
 }
 
-kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e) {
+kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e,
+    kj::StringPtr upstreamName) {
   // A request that a pooled connection refused before writing anything, because the connection
   // was found lost: said in the pool's words (the fetcher advises opening a new connection, which
   // is what the pool does), unless the refusal was for another reason.
   if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
   KJ_IF_SOME(reason, fetcher.getCloseReason()) {
-    return lostBeforeSent(reason, fetcher.serverSpokeFirst());
+    return lostBeforeSent(reason, fetcher.serverSpokeFirst(),
+        fetcher.getCompletedRequests() == 0, upstreamName);
   }
   return kj::mv(e);
 }
@@ -357,6 +375,12 @@ public:
 
   ConnectionPool& pool;
   bool fresh;
+  struct Progress: public kj::Refcounted {
+    bool connecting = false;  // a connection is being opened for the request (connectFor())
+  };
+  kj::Own<Progress> progress = kj::refcounted<Progress>();
+  // Shared with the wait's timeout, which outlives the waiter: exclusiveJoin() drops the branch
+  // that lost before the winner's continuation runs.
   kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller;
   ChainLink<Waiter> chainLink;  // in the pool's waiters, until served or gone
 };
@@ -433,7 +457,9 @@ public:
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle, or
       // it was lost between being handed out and now), so a new connection may carry it.
-      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
+      auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false,
+          true);
     }
     connection->countUse();
     auto request = kj::mv(KJ_ASSERT_NONNULL(started));
@@ -712,7 +738,8 @@ private:
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
-      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false);
+      auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false);
     }
     connection->countUse();
     auto forResult = kj::addRef(*connection);
@@ -780,6 +807,10 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
     : life(kj::refcounted<Life>(*this)), timer(timer), table(table),
       connector(kj::mv(connector)), settings(kj::mv(settings)),
       errorHandler(kj::heap<LogErrors>()), tasks(*errorHandler) {
+  if (this->settings.upstreamName.size() > 0) {
+    upstreamName = kj::str(" (", this->settings.upstreamName, ")");
+  }
+  this->settings.upstreamName = nullptr;  // the caller's string need not outlive the constructor
   KJ_REQUIRE(this->settings.maxConnections > 0, "ConnectionPool needs maxConnections >= 1");
   // A timeout too long to add to the clock's time (kj::maxValue, say, meant as "never") is cut
   // to a century: never, in practice, and no overflow.
@@ -796,7 +827,7 @@ ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& tabl
 ConnectionPool::ConnectionPool(kj::Timer& timer, const kj::HttpHeaderTable& table,
     kj::NetworkAddress& address, Settings settings)
     : ConnectionPool(timer, table, addressConnector(address), kj::mv(settings)) {
-  upstreamName = kj::str(" (", address.toString(), ")");
+  if (upstreamName.size() == 0) upstreamName = kj::str(" (", address.toString(), ")");
 }
 
 ConnectionPool::~ConnectionPool() noexcept(false) {
@@ -874,7 +905,8 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     // again on a new connection, as any attempt would be.
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
-    auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e)), false, false, true);
+    auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), upstreamName),
+        false, false, true);
     return Request{StreamFetcher::bodilessRequestBody(expectedBodySize),
         response.attach(kj::mv(attempt))};
   }
@@ -900,7 +932,14 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
 }
 
 kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
+  auto now = timer.now();
   while (!idle.empty()) {
+    if (idle.newest().idleSince + settings.idleTimeout <= now) {
+      // Expired, and so is every older one, though the sweep has not run yet (its timer fires
+      // later in this turn, or the clock has not moved since: idleTimeout 0). Never handed out.
+      while (!idle.empty()) closeOldestIdle(&Stats::droppedIdleTimeout);
+      return nullptr;
+    }
     auto connection = removeIdle(idle.newest());
     if (connection->fetcher->getState() == StreamFetcher::State::IDLE) {
       return kj::mv(connection);
@@ -947,11 +986,18 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::acquire(bool fr
   auto paf = kj::newPromiseAndFulfiller<kj::Own<Connection>>();
   auto waiter = kj::heap<Waiter>(*this, fresh, kj::mv(paf.fulfiller));
   auto timeout = timer.afterDelay(settings.waitTimeout)
-      .then([this]() -> kj::Own<Connection> {
+      .then([this, progress = kj::addRef(*waiter->progress)]() -> kj::Own<Connection> {
     ++stats.overloaded;
+    if (progress->connecting) {
+      kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("waited ",
+          showDuration(settings.waitTimeout), " for a connection to the upstream", upstreamName,
+          " and got none: the one being opened for this request was not open yet; check that the "
+          "upstream accepts connections promptly, or raise Settings::waitTimeout")));
+    }
     kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("waited ",
-        settings.waitTimeout / kj::MILLISECONDS, " ms for a free connection and got none; the "
-        "upstream is slow or maxConnections is too low")));
+        showDuration(settings.waitTimeout), " for a free connection to the upstream",
+        upstreamName, " and got none; the upstream is slow or maxConnections is too low: raise "
+        "Settings::waitTimeout or maxConnections, or send fewer requests at once")));
   });
   return paf.promise.attach(kj::mv(waiter)).exclusiveJoin(kj::mv(timeout));
 }
@@ -991,8 +1037,8 @@ kj::Promise<kj::Own<ConnectionPool::Connection>> ConnectionPool::connect() {
   auto timeout = timer.afterDelay(settings.connectTimeout)
       .then([this]() -> kj::Own<kj::AsyncIoStream> {
     kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, kj::str("connecting to the upstream",
-        upstreamName, " timed out after ", settings.connectTimeout / kj::MILLISECONDS, " ms; "
-        "check that it is reachable, or raise Settings::connectTimeout")));
+        upstreamName, " timed out after ", showDuration(settings.connectTimeout), "; check that "
+        "it is reachable, or raise Settings::connectTimeout")));
   });
   // A connector that throws instead of returning a failed promise fails this attempt all the same.
   return kj::evalNow([this]() { return connector(); }).exclusiveJoin(kj::mv(timeout))
@@ -1038,6 +1084,7 @@ void ConnectionPool::connectionIdle(Connection& connection, bool keepIdleSince) 
     if (waiter.fresh) {
       // A retry must not reuse: close this one and open a new connection for it.
       retire(connection, &Stats::droppedForRetry);
+      waiter.progress->connecting = true;
       connectFor(kj::mv(waiter.fulfiller));
       return;
     }
@@ -1122,6 +1169,9 @@ void ConnectionPool::connectionClosed(Connection& connection) {
   if (fetcher.getCloseKind() == StreamFetcher::CloseKind::FAILED &&
       fetcher.getCompletedRequests() > 0 && !fetcher.lastExchangeReceivedResponse()) {
     ++stats.droppedStale;
+  } else if (fetcher.getCloseKind() == StreamFetcher::CloseKind::PEER_CLOSED_IDLE &&
+      fetcher.getCompletedRequests() == 0) {
+    ++stats.droppedPeerClosedNew;
   } else {
     countClose(fetcher.getCloseKind());
   }
@@ -1140,6 +1190,7 @@ void ConnectionPool::serveWaiters() {
     auto& waiter = waiters.oldest();
     waiter.unlink();
     if (!waiter.fulfiller->isWaiting()) continue;
+    waiter.progress->connecting = true;
     connectFor(kj::mv(waiter.fulfiller));
   }
 }

@@ -67,6 +67,10 @@ public:
     size_t maxReplayBodyBytes = 64 * 1024;
     // Request bodies of known size up to this are buffered so that a retry can replay them (0:
     // none is; a request with a body is then sent again only if none of it was taken).
+    kj::StringPtr upstreamName = nullptr;
+    // How errors name the upstream (copied when the pool is made): say "origin.test:443 through
+    // proxy.internal:3128" for a pool over a tunnelConnector(). Null: the address, for the address
+    // constructor; nothing, for a connector.
     StreamFetcher::Settings fetcher;
     // Passed to every StreamFetcher.
   };
@@ -82,6 +86,8 @@ public:
 
     // Connections dropped, by reason:
     uint64_t droppedPeerClosedIdle = 0;   // the server closed an idle connection
+    uint64_t droppedPeerClosedNew = 0;    // the server closed (or reset) a new connection before
+                                          // its first request: it may be at a connection limit
     uint64_t droppedUnsolicitedBytes = 0; // bytes nobody asked for (poisoned connection)
     uint64_t droppedConnectionClose = 0;  // the server sent `Connection: close`
     uint64_t droppedNotReusable = 0;      // HTTP/1.0, body delimited by close, bad framing
@@ -100,10 +106,10 @@ public:
 
     uint64_t dropped() const {
       // Connections dropped, all reasons together.
-      return droppedPeerClosedIdle + droppedUnsolicitedBytes + droppedConnectionClose +
-          droppedNotReusable + droppedUpgraded + droppedAbandoned + droppedRequestIncomplete +
-          droppedStale + droppedFailed + droppedIdleTimeout + droppedIdleLimit +
-          droppedMaxRequests + droppedNeverReuse + droppedForRetry;
+      return droppedPeerClosedIdle + droppedPeerClosedNew + droppedUnsolicitedBytes +
+          droppedConnectionClose + droppedNotReusable + droppedUpgraded + droppedAbandoned +
+          droppedRequestIncomplete + droppedStale + droppedFailed + droppedIdleTimeout +
+          droppedIdleLimit + droppedMaxRequests + droppedNeverReuse + droppedForRetry;
     }
   };
 
@@ -179,7 +185,7 @@ private:
   kj::Timer& timer;
   const kj::HttpHeaderTable& table;
   Connector connector;
-  kj::String upstreamName;                  // " (address)" for the address constructor, else ""
+  kj::String upstreamName;                  // " (name)" (see Settings::upstreamName), or ""
   Settings settings;
   Stats stats;
   unsigned connecting = 0;

@@ -1166,7 +1166,9 @@ KJ_TEST("upstream: hangs: a queued client gets 503 after waitTimeout naming the 
   queued->send(get("/queued"));
   auto refused = queued->readResponse();
   KJ_EXPECT(refused.status == 503, refused.head);
-  KJ_EXPECT(contains(refused.body.data, "waited 300 ms for a free connection and got none"),
+  KJ_EXPECT(contains(refused.body.data, "waited 300 ms for a free connection to the upstream"),
+      refused.body.data);
+  KJ_EXPECT(contains(refused.body.data, "raise Settings::waitTimeout or maxConnections"),
       refused.body.data);
   KJ_EXPECT(queued->endsWithin("kj::HttpServer to close after its error"));
   // The hung request's client gives up: kj::HttpServer cancels it, and the pool drops the
