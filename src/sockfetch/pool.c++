@@ -483,6 +483,7 @@ public:
             (waiter)->fulfill();
             innerBodyWaiter = nullptr;
           }
+          bodyTakenOrGone();
         }
         break;
     }
@@ -605,12 +606,44 @@ public:
       });
     }
     writeOutstanding = true;
-    // (The caller's promise keeps the attempt, in case the body stream is dropped before it.)
+    // (The caller's promise keeps the attempt, in case the body stream is dropped before it. The
+    // write counts as finished when it finishes, whether or not the caller waits for it yet.)
     return written.then([self = kj::addRef(*this)]() mutable { self->writeOutstanding = false; },
         [self = kj::addRef(*this)](kj::Exception&& e) mutable {
       self->writeOutstanding = false;  // (the connection's body says why, to any later write)
       kj::throwFatalException(kj::mv(e));
+    }).eagerlyEvaluate(nullptr);
+  }
+
+  kj::Promise<void> whenWriteDisconnected() {
+    // A streaming body's is the connection's body's, once a connection took it; before, it waits
+    // for one, and is disconnected if none ever will. A buffered body's writes go to the pool,
+    // which never disconnects.
+    if (bodyMode != BodyMode::STREAMING) return kj::NEVER_DONE;
+    KJ_IF_SOME(inner, innerBody) {
+      return inner->whenWriteDisconnected();
+    }
+    if (bodyFailure != nullptr || streamingDropped) return kj::READY_NOW;
+    if (bodyTaken == nullptr) {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      bodyTaken = paf.promise.fork();
+      bodyTakenFulfiller = kj::mv(paf.fulfiller);
+    }
+    return KJ_ASSERT_NONNULL(bodyTaken).addBranch().then(
+        [self = kj::addRef(*this)]() mutable -> kj::Promise<void> {
+      KJ_IF_SOME(inner, self->innerBody) {
+        return inner->whenWriteDisconnected();
+      }
+      return kj::READY_NOW;
     });
+  }
+
+  void bodyTakenOrGone() {
+    // A connection took the streaming body, or none ever will: wakes whenWriteDisconnected().
+    KJ_IF_SOME(fulfiller, bodyTakenFulfiller) {
+      fulfiller->fulfill();
+      bodyTakenFulfiller = nullptr;
+    }
   }
 
   bool writeGivenUp() {
@@ -668,6 +701,7 @@ public:
           }
         }
         innerBody = nullptr;  // finishes (chunked) or aborts (short or given up) the body
+        bodyTakenOrGone();
         break;
     }
   }
@@ -679,6 +713,7 @@ public:
       (waiter)->reject(cloneException(e));
       innerBodyWaiter = nullptr;
     }
+    bodyTakenOrGone();
   }
 
   kj::Own<Life> life;
@@ -693,6 +728,8 @@ public:
   kj::Maybe<kj::Own<kj::AsyncOutputStream>> innerBody;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
   kj::Maybe<kj::Exception> bodyFailure;  // no connection will carry a streaming body
+  kj::Maybe<kj::ForkedPromise<void>> bodyTaken;  // for whenWriteDisconnected(), made on demand
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> bodyTakenFulfiller;
   kj::Promise<void> bodyWrite = nullptr;
   bool streamingDropped = false;
   bool writeOutstanding = false;  // a streaming write started and not finished (or given up)
@@ -792,7 +829,7 @@ public:
   }
 
   kj::Promise<void> whenWriteDisconnected() override {
-    return kj::NEVER_DONE;
+    return attempt->whenWriteDisconnected();
   }
 
 private:
@@ -844,6 +881,7 @@ ConnectionPool::~ConnectionPool() noexcept(false) {
 kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
   requireValidRequestTarget(url);  // at once, as StreamFetcher would: nothing waits, or is sent
+  requireValidHeaders(headers);
   ++stats.requests;
   auto bodyMode = bodyModeOf(method, headers, expectedBodySize, settings.maxReplayBodyBytes);
   if (bodyMode == BodyMode::NONE) {
@@ -952,6 +990,7 @@ kj::Maybe<kj::Own<ConnectionPool::Connection>> ConnectionPool::takeIdle() {
 kj::Promise<kj::HttpClient::WebSocketResponse> ConnectionPool::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
   requireValidRequestTarget(url);
+  requireValidHeaders(headers);
   ++stats.requests;
   auto attempt = kj::refcounted<WebSocketAttempt>(*this, url, headers);
   auto promise = attempt->start(false);

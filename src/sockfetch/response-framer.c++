@@ -255,6 +255,11 @@ void refuseRequestTarget(kj::StringPtr url) {
       "percent-encode them")));
 }
 
+void refuseEmptyHeaderName() {
+  kj::throwFatalException(KJ_EXCEPTION(FAILED, "a request header has an empty name, which would "
+      "write a malformed line into the request; remove it, or give it a name"));
+}
+
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine) {
   if (statusLine.size() < 12 || memcmp(statusLine.begin(), "HTTP/1.", 7) != 0 ||
       statusLine[7] < '0' || statusLine[7] > '9' || statusLine[8] != ' ') {

@@ -23,6 +23,18 @@ inline void requireValidRequestTarget(kj::StringPtr url) {
 // control characters. kj-http 0.9.2 writes a url unchecked, so CR LF in one would add headers, or
 // a whole second request, to the request sent.
 
+[[noreturn]] void refuseEmptyHeaderName();
+
+inline void requireValidHeaders(const kj::HttpHeaders& headers) {
+  // (Inline: every request passes here. A name in the table is never empty.)
+  headers.forEach([](kj::HttpHeaderId, kj::StringPtr) {}, [](kj::StringPtr name, kj::StringPtr) {
+    if (name.size() == 0) refuseEmptyHeaderName();
+  });
+}
+// Throws FAILED if a header has an empty name: kj-http 0.9.2 accepts one (HttpHeaders::add("",
+// value)) and writes it as a line ": value", which no HTTP/1.1 server can parse and which
+// intermediaries may read differently. (kj-http itself refuses CR, LF and NUL in values.)
+
 kj::Maybe<unsigned> parseStatusCode(kj::ArrayPtr<const char> statusLine);
 // The status code of an HTTP/1.x status line ("HTTP/1.x SP 3DIGIT [SP reason]", RFC 9112 4,
 // without its line end), or null if the line is not one (or its code is below 100).

@@ -246,6 +246,9 @@ public:
   RequestBodyKind requestBodyKind = RequestBodyKind::NONE;
   uint64_t requestBodyExpected = 0;
   uint64_t requestBodyWritten = 0;
+  unsigned requestWritesPending = 0;  // writes not finished: in progress, or cancelled
+  kj::Maybe<kj::String> requestWriteFailure;  // why a write of the request body failed
+  // (Kept here, not in the body stream, for the write's bookkeeping: see RequestBody::track().)
   bool requestBodyDropped = false;
   bool discardRequestBody = false;  // see succeed()
   kj::Canceler bodyWrites;  // the request body's writes in flight, for succeed() to end
@@ -270,7 +273,7 @@ public:
         if (!exchange->responded) {
           // The server still waits for the rest, so no response is coming: fail it now.
           KJ_IF_SOME(abort, exchange->abortResponse) {
-            KJ_IF_SOME(failure, writeFailure) {
+            KJ_IF_SOME(failure, exchange->requestWriteFailure) {
               // The caller did write: the connection failed the write.
               abort->reject(KJ_EXCEPTION(DISCONNECTED, kj::str("a write of the request body "
                   "failed (", failure, "), so the request was never sent in full; send it again "
@@ -291,22 +294,24 @@ public:
   }
 
   kj::Promise<void> write(const void* buffer, size_t size) override {
-    if (exchange->discardRequestBody && writeFailure == nullptr) return kj::READY_NOW;
+    if (exchange->discardRequestBody && exchange->requestWriteFailure == nullptr) {
+      return kj::READY_NOW;
+    }
     KJ_IF_SOME(e, refusal(size)) {
       return kj::mv(e);
     }
-    ++writesPending;
     return track(kj::evalNow([&]() { return inner->write(buffer, size); }), size);
   }
 
   kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
-    if (exchange->discardRequestBody && writeFailure == nullptr) return kj::READY_NOW;
+    if (exchange->discardRequestBody && exchange->requestWriteFailure == nullptr) {
+      return kj::READY_NOW;
+    }
     size_t size = 0;
     for (auto& piece: pieces) size += piece.size();
     KJ_IF_SOME(e, refusal(size)) {
       return kj::mv(e);
     }
-    ++writesPending;
     return track(kj::evalNow([&]() { return inner->write(pieces); }), size);
   }
 
@@ -319,22 +324,27 @@ private:
   kj::Own<kj::AsyncOutputStream> inner;  // points into exchange->client: declared after it
   // Once the exchange is over, kj's body writes through a view that refuses them: with the reason
   // if the exchange failed (FramedStream::refuseWrites()), else "this exchange is over".
-  unsigned writesPending = 0;  // writes not finished: in progress, or cancelled
   uint64_t bytesTaken = 0;     // by writes started, finished or not
-  kj::Maybe<kj::String> writeFailure;  // why a write failed
 
   kj::Promise<void> track(kj::Promise<void> write, size_t size) {
+    // Counts the write once it ends, as soon as it ends: the response's end and the body's drop
+    // read the counts whether or not (or when) the caller waits for the write, and the caller may
+    // keep its promise longer than this stream, so the bookkeeping holds the exchange instead.
     bytesTaken += size;
-    return exchange->bodyWrites.wrap(kj::mv(write)).then([this, size]() {
-      --writesPending;
+    ++exchange->requestWritesPending;
+    return exchange->bodyWrites.wrap(kj::mv(write)).then(
+        [exchange = kj::addRef(*exchange), size]() mutable {
+      --exchange->requestWritesPending;
       exchange->requestBodyWritten += size;
-    }, [this](kj::Exception&& e) {
-      --writesPending;
+    }, [exchange = kj::addRef(*exchange)](kj::Exception&& e) mutable {
+      --exchange->requestWritesPending;
       // A write in flight when the server answered is discarded (see Exchange::succeed()).
       if (exchange->discardRequestBody) return;
-      if (writeFailure == nullptr) writeFailure = kj::str(e.getDescription());
+      if (exchange->requestWriteFailure == nullptr) {
+        exchange->requestWriteFailure = kj::str(e.getDescription());
+      }
       kj::throwFatalException(kj::mv(e));
-    });
+    }).eagerlyEvaluate(nullptr);
   }
 
   kj::Maybe<kj::Exception> refusal(size_t size) {
@@ -349,7 +359,7 @@ private:
     KJ_IF_SOME(failed, exchange->writeRefusal()) {
       return kj::mv(failed);
     }
-    KJ_IF_SOME(reason, writeFailure) {
+    KJ_IF_SOME(reason, exchange->requestWriteFailure) {
       return KJ_EXCEPTION(DISCONNECTED, kj::str("an earlier write of this request body failed (",
           reason, "), so the rest cannot follow it; send the request again if it must reach the "
           "server"));
@@ -371,11 +381,11 @@ private:
       case Exchange::RequestBodyKind::CHUNKED:
         // kj-http ends a chunked body when it is dropped, unless a write to it never finished
         // (cancelled, still in progress, or failed): then the end is never sent.
-        if (writesPending > 0) {
+        if (exchange->requestWritesPending > 0) {
           return kj::str("the chunked request body was dropped while a write to it was "
               "unfinished");
         }
-        if (writeFailure != nullptr) {
+        if (exchange->requestWriteFailure != nullptr) {
           return kj::str("the chunked request body was dropped after a write to it failed");
         }
         break;
@@ -812,6 +822,7 @@ kj::Exception StreamFetcher::refusal(bool serverSpokeFirst, kj::StringPtr reason
 kj::HttpClient::Request StreamFetcher::request(kj::HttpMethod method, kj::StringPtr url,
     const kj::HttpHeaders& headers, kj::Maybe<uint64_t> expectedBodySize) {
   requireValidRequestTarget(url);
+  requireValidHeaders(headers);
   auto exchange = startExchange(method);
 
   // Mirror kj-http's choice of request framing, to know when the request is fully written.
@@ -882,6 +893,7 @@ kj::Exception explainHandshake(kj::Exception&& e) {
 kj::Promise<kj::HttpClient::WebSocketResponse> StreamFetcher::openWebSocket(
     kj::StringPtr url, const kj::HttpHeaders& headers) {
   requireValidRequestTarget(url);
+  requireValidHeaders(headers);
   auto exchange = startExchange(kj::HttpMethod::GET);
   exchange->requestBodyKind = Exchange::RequestBodyKind::NONE;
   Exchange* ex = exchange.get();

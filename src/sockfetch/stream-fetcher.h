@@ -83,10 +83,11 @@ public:
   Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
       kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
   // Sends a request on the owned connection. Throws at once, writing nothing, if `url` is empty
-  // or has a space or a control character (FAILED; see requireValidRequestTarget()), if a request
-  // is in flight (FAILED, "one request at a time"), if the connection was dropped (DISCONNECTED,
-  // with the reason), or if it was released (FAILED). `url` and `headers` need only remain valid
-  // until this returns; `headers` must carry Host (neither this nor kj-http adds one).
+  // or has a space or a control character, or a header has an empty name (FAILED; see
+  // requireValidRequestTarget() and requireValidHeaders()), if a request is in flight (FAILED,
+  // "one request at a time"), if the connection was dropped (DISCONNECTED, with the reason), or
+  // if it was released (FAILED). `url` and `headers` need only remain valid until this returns;
+  // `headers` must carry Host (neither this nor kj-http adds one).
   //
   // Failures later, of the response promise or a body read: DISCONNECTED when the connection
   // went away (closed or reset, before the response or in the middle of it; safe to send again
