@@ -129,25 +129,32 @@ private:
   }
 };
 
-kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst, bool newConnection,
+kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst,
     kj::StringPtr upstreamName) {
-  // (The pool sends such a request once more itself, on a new connection; this is what it says
-  // if that fails too, and so about a new connection.)
+  // A new connection found lost before the request was written on it. (The pool sends such a
+  // request once more itself, on another new connection; this is what it says if that fails
+  // too. A connection lost while idle after serving requests is no failure: see
+  // reusedConnectionLost().)
   if (serverSpokeFirst) {
     // `reason` says to check the upstream's address: sending again would meet the same.
     return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection to the upstream",
         upstreamName, " was lost before the request was sent: ", reason));
   }
-  if (newConnection) {
-    // Sending again would most likely meet the same: the server is not keeping connections.
-    return KJ_EXCEPTION(DISCONNECTED, kj::str("a new connection to the upstream", upstreamName,
-        " was lost before the request was sent on it (", reason, "); nothing of it was written: "
-        "check that the upstream accepts connections and keeps them open (it may be at its "
-        "connection limit)"));
-  }
-  return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection to the upstream",
-      upstreamName, " was lost before the request was sent (", reason, "); nothing of it was "
-      "written, so it is safe to send again"));
+  // Sending again would most likely meet the same: the server is not keeping connections.
+  return KJ_EXCEPTION(DISCONNECTED, kj::str("a new connection to the upstream", upstreamName,
+      " was lost before the request was sent on it (", reason, "); nothing of it was written: "
+      "check that the upstream accepts connections and keeps them open (it may be at its "
+      "connection limit)"));
+}
+
+bool reusedConnectionLost(StreamFetcher& fetcher, const kj::Exception& e) {
+  // Whether `fetcher` refused a request, writing nothing, because its connection, which had
+  // served requests, was found closed (or sent bytes) while idle: the usual end of a kept-alive
+  // connection (the server closed it after a response, or its idle timeout ran out, before the
+  // idle watch noticed), not a failed send. The request goes on another connection, neither
+  // counted nor limited as a retry (each lost connection leaves the pool, so this ends).
+  return e.getType() == kj::Exception::Type::DISCONNECTED &&
+      fetcher.getCloseReason() != nullptr && fetcher.getCompletedRequests() > 0;
 }
 
 kj::String showDuration(kj::Duration d) {
@@ -188,8 +195,7 @@ kj::Exception lostBeforeSent(StreamFetcher& fetcher, kj::Exception&& e,
   // is what the pool does), unless the refusal was for another reason.
   if (e.getType() != kj::Exception::Type::DISCONNECTED) return kj::mv(e);
   KJ_IF_SOME(reason, fetcher.getCloseReason()) {
-    return lostBeforeSent(reason, fetcher.serverSpokeFirst(),
-        fetcher.getCompletedRequests() == 0, upstreamName);
+    return lostBeforeSent(reason, fetcher.serverSpokeFirst(), upstreamName);
   }
   return kj::mv(e);
 }
@@ -435,6 +441,16 @@ public:
     return send(kj::mv(connection), copy.getUrl(), headers);
   }
 
+  kj::Promise<Response> sendElsewhere() {
+    // On another connection, in place of one found lost before anything was written on it (see
+    // reusedConnectionLost()).
+    auto& p = pool();
+    return p.canceler.wrap(p.acquire(false)).then(
+        [self = kj::addRef(*this)](kj::Own<Connection>&& connection) mutable {
+      return self->sendLater(kj::mv(connection));
+    });
+  }
+
   kj::Promise<Response> send(kj::Own<Connection> connection, kj::StringPtr url,
       const kj::HttpHeaders& headers) {
     // `url` and `headers` need only be valid until this returns.
@@ -456,7 +472,8 @@ public:
       started = fetcher.request(method, url, headers, expectedBodySize);
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle, or
-      // it was lost between being handed out and now), so a new connection may carry it.
+      // it was lost between being handed out and now), so another connection may carry it.
+      if (reusedConnectionLost(fetcher, e)) return sendElsewhere();
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false,
           true);
@@ -775,6 +792,7 @@ private:
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
+      if (reusedConnectionLost(fetcher, e)) return start(false);
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false);
     }
@@ -940,11 +958,12 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     started = fetcher.request(method, url, headers, expectedBodySize);
   })) {
     // Found lost before anything was written (the server closed or poisoned it while idle): sent
-    // again on a new connection, as any attempt would be.
+    // on another connection, as any attempt would be.
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
-    auto response = attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), upstreamName),
-        false, false, true);
+    auto response = reusedConnectionLost(fetcher, e) ? attempt->sendElsewhere()
+        : attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), upstreamName), false, false,
+              true);
     return Request{StreamFetcher::bodilessRequestBody(expectedBodySize),
         response.attach(kj::mv(attempt))};
   }

@@ -27,7 +27,9 @@ class ConnectionPool final: public kj::HttpClient {
   // lost before the request started, so that none of the body was taken), or its method is
   // idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and the pool can replay its body (none,
   // or one of known size up to Settings::maxReplayBodyBytes, which the pool then buffers before
-  // sending). Never twice, and never a POST whose bytes reached the server.
+  // sending). Never twice, and never a POST whose bytes reached the server. A connection found
+  // closed while idle as a request is about to go out on it (before anything is written) is no
+  // failure: the request simply takes another connection, which is not counted as a retry.
   //
   // Lifetimes: the timer and (for the address constructor) the address must outlive the pool,
   // the header table the pool and every response. Requests, responses and bodies may outlive

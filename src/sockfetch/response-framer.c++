@@ -530,6 +530,7 @@ void ResponseFramer::freeBuffer() {
 
 void ResponseFramer::parse() {
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
+  KJ_DEFER(closeGap());  // (see keepOnly())
   while (parsed < end) {
     switch (state) {
       case State::IDLE:
@@ -597,7 +598,7 @@ void ResponseFramer::parse() {
           break;
         }
         auto digits = parseChunkLine(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
-        lineEnd -= keepOnly(digits.begin() - chars, digits.size(),
+        keepOnly(digits.begin() - chars, digits.size(),
             lineEnd > lineStart && chars[lineEnd - 1] == '\r' ? lineEnd - 1 : lineEnd);
         parsed = lineEnd + 1;
         limit = parsed;
@@ -965,18 +966,39 @@ kj::ArrayPtr<const char> ResponseFramer::parseChunkLine(kj::ArrayPtr<const char>
   return text.slice(first, i);
 }
 
-size_t ResponseFramer::keepOnly(size_t from, size_t size, size_t lineEnd) {
+void ResponseFramer::keepOnly(size_t from, size_t size, size_t lineEnd) {
   // Rewrites the line at lineStart, which ends at `lineEnd` (its CR or LF), to just the `size`
-  // bytes at `from`, followed by what follows. kj-http 0.9.2 rejects any chunk extension (and
-  // whitespace) in a chunk-size line, where RFC 9112 7.1.1 says to ignore extensions. Returns
-  // how many bytes were removed.
+  // bytes at `from`: kj-http 0.9.2 rejects any chunk extension (and whitespace, and leading zeros
+  // past 32 bytes) in a chunk-size line, where RFC 9112 7.1.1 says to ignore extensions. The
+  // bytes removed become the gap, and what lies between the gap and this line moves down over
+  // the old one: positions from this line on stay as they are until parse() ends and closes the
+  // gap (closeGap()), so that each byte a parse() receives moves once, however many lines it
+  // rewrites (moving all that follows for each line costs lines times the buffer's size, which
+  // a head near maxHeaderBytes makes large).
   size_t removed = (lineEnd - lineStart) - size;
-  if (removed == 0) return 0;
+  if (removed == 0) return;
   auto* bytes = buffer.begin();
-  memmove(bytes + lineStart, bytes + from, size);
-  memmove(bytes + lineStart + size, bytes + lineEnd, end - lineEnd);
-  end -= removed;
-  return removed;
+  size_t newLineStart = lineStart - gapSize;
+  if (gapSize > 0) {
+    size_t gapEnd = gapAt + gapSize;
+    memmove(bytes + gapAt, bytes + gapEnd, lineStart - gapEnd);
+  }
+  memmove(bytes + newLineStart, bytes + from, size);
+  gapAt = newLineStart + size;
+  gapSize += removed;  // (the gap now ends at lineEnd)
+}
+
+void ResponseFramer::closeGap() {
+  // Moves what follows the gap down over it, and every position past it with it. Positions before
+  // it (begin, the head's) were fixed before the first line was rewritten; none lies inside it.
+  if (gapSize == 0) return;
+  size_t gapEnd = gapAt + gapSize;
+  auto* bytes = buffer.begin();
+  memmove(bytes + gapAt, bytes + gapEnd, end - gapEnd);
+  for (size_t* position: {&end, &parsed, &limit, &lineStart, &messageEnd}) {
+    if (*position >= gapEnd) *position -= gapSize;
+  }
+  gapSize = 0;
 }
 
 bool ResponseFramer::parseTrailerLine() {

@@ -218,6 +218,8 @@ private:
   size_t lineStart = 0;   // start of the header block / chunk line / trailer line being read
   size_t headStart = 0;   // the final head, once parsed: [headStart, headEnd) in the buffer, until
   size_t headEnd = 0;     // bytes are moved or received over it (then headEnd is 0)
+  size_t gapAt = 0;       // bytes [gapAt, gapAt + gapSize) are removed (see keepOnly()), until
+  size_t gapSize = 0;     // parse() returns
   size_t trailerBytes = 0;
   bool trailerFieldSeen = false;  // a field line came in the trailer section (a fold may follow)
   size_t interimResponses = 0;
@@ -241,7 +243,8 @@ private:
   void parseHead(kj::ArrayPtr<const char> block);
   void parseStatusLine(kj::ArrayPtr<const char> line);
   kj::ArrayPtr<const char> parseChunkLine(kj::ArrayPtr<const char> line);
-  size_t keepOnly(size_t from, size_t size, size_t lineEnd);
+  void keepOnly(size_t from, size_t size, size_t lineEnd);
+  void closeGap();
   bool parseTrailerLine();
   void compact();
 };

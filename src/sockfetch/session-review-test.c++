@@ -190,8 +190,9 @@ GivenUp giveUpWriteDuringRetry() {
   }
   auto h = env.headers();
   auto request = env.pool->request(kj::HttpMethod::POST, "/upload", h);
-  KJ_ASSERT(env.pool->getStats().retries == 1, "the lost connection was not found at request time",
-      env.pool->getStats().retries);
+  KJ_ASSERT(env.pool->getStats().droppedPeerClosedIdle == 1,
+      "the lost connection was not found at request time",
+      env.pool->getStats().droppedPeerClosedIdle);
   auto outcome = outcomeOf(kj::mv(request.response)).eagerlyEvaluate(nullptr);
   auto data = kj::str("abc");
   bool wrote = false;
