@@ -23,6 +23,13 @@ runfiles=${RUNFILES_DIR:-$0.runfiles}
 source "$(dirname "$0")/nginx-upstream.sh" 2>/dev/null ||
   source "$(find -L "$runfiles" -name nginx-upstream.sh | head -1)"
 bench=$(find_runfile fetch-bench-main)
+for arg in "$@"; do
+  if [[ $arg == --help ]]; then
+    # Once, without starting nginx (each pass would print it).
+    echo "fetch-bench: --cpus=any|one|both (default both: two passes); the rest goes to:"
+    exec "$bench" --help
+  fi
+done
 start_nginx_upstream
 
 pass() {
