@@ -301,6 +301,15 @@ void ResponseFramer::start(kj::HttpMethod requestMethod, bool connectionCarriedR
 }
 
 void ResponseFramer::compact() {
+  if (state == State::TRAILERS && lineStart > limit) {
+    // The trailer lines parsed so far, never passed on (see parseTrailerLine()): dropped now that
+    // room is needed, all at once.
+    size_t dead = lineStart - limit;
+    memmove(buffer.begin() + limit, buffer.begin() + lineStart, end - lineStart);
+    parsed -= dead;
+    end -= dead;
+    lineStart = limit;
+  }
   // Keep the line being parsed from its start: the parser looks back at it (a chunk-size line or
   // a trailer line may not be complete yet; after chunk data, a CR may have been seen already).
   bool inLine = state == State::HEAD || state == State::CHUNK_LINE || state == State::TRAILERS ||
@@ -693,9 +702,16 @@ bool ResponseFramer::parseHeaderBlock() {
           kj::throwFatalException(overLimit("count of interim (1xx) responses",
               "maxInterimResponses", limits.maxInterimResponses));
         }
-        memmove(buffer.begin() + lineStart, buffer.begin() + blockEnd, end - blockEnd);
-        end -= blockEnd - lineStart;
-        parsed = lineStart;
+        if (begin == lineStart && limit == lineStart) {
+          // Nothing before it is waiting to be taken (the usual case): skip it where it lies,
+          // for compact() to drop. Moving what follows it instead would cost, per interim
+          // response, all that came with it.
+          begin = limit = parsed = lineStart = blockEnd;
+        } else {
+          memmove(buffer.begin() + lineStart, buffer.begin() + blockEnd, end - blockEnd);
+          end -= blockEnd - lineStart;
+          parsed = lineStart;
+        }
         head = Head();
         statusLineStarted = false;
         leadingBlanks = 0;
@@ -1007,8 +1023,10 @@ bool ResponseFramer::parseTrailerLine() {
   if (nl == nullptr) {
     trailerBytes += end - parsed;
     parsed = end;
-    // The blank line that ends the section is not counted: until more arrives, this may be it.
-    bool mayBeLast = trim(kj::arrayPtr(chars + lineStart, end - lineStart)).size() == 0;
+    // The empty line that ends the section is not counted: until more arrives, this may be it.
+    // (Only an empty line ends it; see below. Telling so from the line's length, not its bytes,
+    // keeps a line that grows a byte per read from being rescanned per read.)
+    bool mayBeLast = end - lineStart == 0 || (end - lineStart == 1 && chars[lineStart] == '\r');
     if (trailerBytes > limits.maxTrailerBytes && !mayBeLast) {
       kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
           limits.maxTrailerBytes));
@@ -1054,11 +1072,12 @@ bool ResponseFramer::parseTrailerLine() {
     }
     trailerFieldSeen = true;
   }
-  // Trailers are never passed on: drop the line, so that the buffer holds at most one of them
-  // (the trailer section's limit may exceed the buffer's).
-  memmove(buffer.begin() + lineStart, buffer.begin() + lineEnd + 1, end - (lineEnd + 1));
-  end -= lineEnd + 1 - lineStart;
-  parsed = lineStart;
+  // Trailers are never passed on: the line is left where it is, dead, between `limit` and the
+  // next line, until compact() drops all the dead ones at once (the trailer section's limit may
+  // exceed the buffer's). Dropping each line as it is parsed would move all that follows it, per
+  // line.
+  parsed = lineEnd + 1;
+  lineStart = parsed;
   return true;
 }
 
