@@ -133,8 +133,8 @@ kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst,
     kj::StringPtr upstreamName) {
   // A new connection found lost before the request was written on it. (The pool sends such a
   // request once more itself, on another new connection; this is what it says if that fails
-  // too. A connection lost while idle after serving requests is no failure: see
-  // reusedConnectionLost().)
+  // too. A connection lost after sitting idle in the pool is no failure: see
+  // Connection::lostWhileIdle().)
   if (serverSpokeFirst) {
     // `reason` says to check the upstream's address: sending again would meet the same.
     return KJ_EXCEPTION(DISCONNECTED, kj::str("the pooled connection to the upstream",
@@ -145,16 +145,6 @@ kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst,
       " was lost before the request was sent on it (", reason, "); nothing of it was written: "
       "check that the upstream accepts connections and keeps them open (it may be at its "
       "connection limit)"));
-}
-
-bool reusedConnectionLost(StreamFetcher& fetcher, const kj::Exception& e) {
-  // Whether `fetcher` refused a request, writing nothing, because its connection, which had
-  // served requests, was found closed (or sent bytes) while idle: the usual end of a kept-alive
-  // connection (the server closed it after a response, or its idle timeout ran out, before the
-  // idle watch noticed), not a failed send. The request goes on another connection, neither
-  // counted nor limited as a retry (each lost connection leaves the pool, so this ends).
-  return e.getType() == kj::Exception::Type::DISCONNECTED &&
-      fetcher.getCloseReason() != nullptr && fetcher.getCompletedRequests() > 0;
 }
 
 kj::String showDuration(kj::Duration d) {
@@ -351,6 +341,21 @@ public:
     return uses > 1 && !fetcher->lastExchangeReceivedResponse();
   }
 
+  bool lostWhileIdle(const kj::Exception& e) const {
+    // Whether a request handed this connection failed (`e`), nothing of it written, because the
+    // connection, which had sat idle in the pool, was found closed (or sent bytes) while idle:
+    // when the request started (the kernel told), or at its first write (the idle read told).
+    // That is the usual end of a kept connection (the server closed it after a response, or its
+    // idle timeout ran out, before the idle watch noticed), not a failed send: the request goes
+    // on another connection, neither counted nor limited as a retry (each connection so lost
+    // leaves the pool, and one handed over new is not covered, so this ends).
+    auto kind = fetcher->getCloseKind();
+    return everIdle && e.getType() == kj::Exception::Type::DISCONNECTED &&
+        !fetcher->lastExchangeWroteRequest() &&
+        (kind == StreamFetcher::CloseKind::PEER_CLOSED_IDLE ||
+         kind == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
+  }
+
   kj::Maybe<ConnectionPool&> pool;
   kj::Own<StreamFetcher> fetcher;
   kj::Own<Connection> busy;  // itself, while its fetcher is busy (see above)
@@ -359,6 +364,7 @@ public:
   ChainLink<Connection> chainLink;  // in the pool's idle chain, while idle
   kj::Own<Connection> idleSelf;     // itself, while in the idle chain
   kj::TimePoint idleSince;   // when it was opened, or last came back from a request
+  bool everIdle = false;     // came back to the pool at least once (see lostWhileIdle())
 };
 
 // =================================================================================================
@@ -443,7 +449,7 @@ public:
 
   kj::Promise<Response> sendElsewhere() {
     // On another connection, in place of one found lost before anything was written on it (see
-    // reusedConnectionLost()).
+    // Connection::lostWhileIdle()).
     auto& p = pool();
     return p.canceler.wrap(p.acquire(false)).then(
         [self = kj::addRef(*this)](kj::Own<Connection>&& connection) mutable {
@@ -473,7 +479,7 @@ public:
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle, or
       // it was lost between being handed out and now), so another connection may carry it.
-      if (reusedConnectionLost(fetcher, e)) return sendElsewhere();
+      if (connection->lostWhileIdle(e)) return sendElsewhere();
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false,
           true);
@@ -522,9 +528,23 @@ public:
         [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
       // Holds the attempt (see ConnectionPool::request()) for as long as a retry may need it.
+      if (connection->lostWhileIdle(e) && self->takeBodyBack()) {
+        self->pool().uncountUse(*connection);
+        return self->sendElsewhere();
+      }
       return self->retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
     });
+  }
+
+  bool takeBodyBack() {
+    // After the connection that took the request failed with nothing of it written: whether the
+    // request may go on another connection as it is, its body (if streamed) taken back from the
+    // failed one. Not once a write went to that one: its caller was told how it ended.
+    if (bodyMode != BodyMode::STREAMING) return true;
+    if (innerBodyWritten) return false;
+    innerBody = nullptr;  // the failed exchange's, which nothing was written to
+    return true;
   }
 
   kj::Promise<Response> retryOrThrow(kj::Exception&& e, bool staleCandidate, bool wroteAny,
@@ -607,6 +627,7 @@ public:
     }
     kj::Promise<void> written = nullptr;
     KJ_IF_SOME(inner, innerBody) {
+      innerBodyWritten = true;
       written = writeTo(*inner);
     } else KJ_IF_SOME(failure, bodyFailure) {
       return cloneException(failure);
@@ -616,6 +637,7 @@ public:
       written = paf.promise.then([self = kj::addRef(*this), writeTo = kj::mv(writeTo)]() mutable
           -> kj::Promise<void> {
         KJ_IF_SOME(inner, self->innerBody) {
+          self->innerBodyWritten = true;
           return writeTo(*inner);
         }
         return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it waited for "
@@ -743,6 +765,7 @@ public:
   kj::Maybe<kj::ForkedPromise<void>> bodyBuffered;        // while a buffered body is incomplete
   kj::Own<kj::PromiseFulfiller<void>> bodyBufferedFulfiller;
   kj::Maybe<kj::Own<kj::AsyncOutputStream>> innerBody;
+  bool innerBodyWritten = false;  // a write went to innerBody (see takeBodyBack())
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
   kj::Maybe<kj::Exception> bodyFailure;  // no connection will carry a streaming body
   kj::Maybe<kj::ForkedPromise<void>> bodyTaken;  // for whenWriteDisconnected(), made on demand
@@ -792,7 +815,7 @@ private:
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
-      if (reusedConnectionLost(fetcher, e)) return start(false);
+      if (connection->lostWhileIdle(e)) return start(false);
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false);
     }
@@ -813,6 +836,12 @@ private:
       return kj::mv(response);
     }, [this, connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<WebSocketResponse> {
+      if (connection->lostWhileIdle(e)) {
+        KJ_IF_SOME(p, life->pool) {
+          p.uncountUse(*connection);
+          return start(false);
+        }
+      }
       return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
     });
@@ -961,7 +990,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     // on another connection, as any attempt would be.
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
-    auto response = reusedConnectionLost(fetcher, e) ? attempt->sendElsewhere()
+    auto response = connection->lostWhileIdle(e) ? attempt->sendElsewhere()
         : attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), upstreamName), false, false,
               true);
     return Request{StreamFetcher::bodilessRequestBody(expectedBodySize),
@@ -976,11 +1005,16 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     // (see mayRetry()); an attempt to send it again is made only then.
     bool stale = connection->lastUseWasStale();
     bool wroteAny = connection->fetcher->lastExchangeWroteRequest();
-    if (!mayRetry(e, true, isIdempotent(method), stale, wroteAny)) return kj::mv(e);
+    bool lostWhileIdle = connection->lostWhileIdle(e);
+    if (!lostWhileIdle && !mayRetry(e, true, isIdempotent(method), stale, wroteAny)) {
+      return kj::mv(e);
+    }
     KJ_IF_SOME(pool, life->pool) {
+      if (lostWhileIdle) pool.uncountUse(*connection);
       auto attempt = kj::refcounted<Attempt>(pool, method, copy.getUrl(), copy.getHeaders(),
           expectedBodySize, BodyMode::NONE);
-      auto retry = attempt->retryOrThrow(kj::mv(e), stale, wroteAny);
+      auto retry = lostWhileIdle ? attempt->sendElsewhere()
+          : attempt->retryOrThrow(kj::mv(e), stale, wroteAny);
       return retry.attach(kj::mv(attempt));
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry
@@ -1117,6 +1151,7 @@ void ConnectionPool::connectionIdle(Connection& connection, bool keepIdleSince) 
   // opened for a request that gave up (connectFor()), or unused (readopt()). The caller holds it:
   // nothing here destroys it. `keepIdleSince`: it comes back unused, so its idle time runs on
   // from when it last became idle; if that is past idleTimeout, it is closed.
+  connection.everIdle = true;
   if (!keepIdleSince) {
     connection.idleSince = timer.now();
   } else if (connection.idleSince + settings.idleTimeout <= timer.now()) {
@@ -1228,7 +1263,7 @@ void ConnectionPool::connectionClosed(Connection& connection) {
       fetcher.getCompletedRequests() > 0 && !fetcher.lastExchangeReceivedResponse()) {
     ++stats.droppedStale;
   } else if (fetcher.getCloseKind() == StreamFetcher::CloseKind::PEER_CLOSED_IDLE &&
-      fetcher.getCompletedRequests() == 0) {
+      !connection.everIdle) {
     ++stats.droppedPeerClosedNew;
   } else {
     countClose(fetcher.getCloseKind());
@@ -1265,6 +1300,12 @@ void ConnectionPool::connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>
   }, [f](kj::Exception&& e) {
     f->reject(kj::mv(e));
   }).attach(kj::mv(fulfiller)));
+}
+
+void ConnectionPool::uncountUse(Connection& connection) {
+  // A request counted as a reuse (countUse()) found its connection lost before anything of it
+  // was written, and goes on another (see Connection::lostWhileIdle()): no reuse after all.
+  if (connection.uses > 1) --stats.reuses;
 }
 
 void ConnectionPool::countClose(StreamFetcher::CloseKind kind) {

@@ -28,8 +28,10 @@ class ConnectionPool final: public kj::HttpClient {
   // idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and the pool can replay its body (none,
   // or one of known size up to Settings::maxReplayBodyBytes, which the pool then buffers before
   // sending). Never twice, and never a POST whose bytes reached the server. A connection found
-  // closed while idle as a request is about to go out on it (before anything is written) is no
-  // failure: the request simply takes another connection, which is not counted as a retry.
+  // closed while idle (after sitting idle in the pool) as a request is about to go out on it,
+  // before anything is written, is no failure: the request simply takes another connection, not
+  // counted as a retry (nor as a reuse) - a streamed body too, unless a write already went to
+  // the lost connection (that write failed, so the request does too).
   //
   // Lifetimes: the timer and (for the address constructor) the address must outlive the pool,
   // the header table the pool and every response. Requests, responses and bodies may outlive
@@ -220,6 +222,7 @@ private:
   void scheduleSweep();
   void connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller);
   void countClose(StreamFetcher::CloseKind kind);
+  void uncountUse(Connection& connection);
 };
 
 }  // namespace sockfetch
