@@ -341,17 +341,18 @@ public:
     return uses > 1 && !fetcher->lastExchangeReceivedResponse();
   }
 
-  bool lostWhileIdle(const kj::Exception& e) const {
+  bool lostWhileIdle(const kj::Exception& e, bool refusedAtOnce = false) const {
     // Whether a request handed this connection failed (`e`), nothing of it written, because the
     // connection, which had sat idle in the pool, was found closed (or sent bytes) while idle:
-    // when the request started (the kernel told), or at its first write (the idle read told).
+    // when the request started (the kernel or the idle read told: `refusedAtOnce`, the fetcher
+    // refused it), or at its first write (the idle read told).
     // That is the usual end of a kept connection (the server closed it after a response, or its
     // idle timeout ran out, before the idle watch noticed), not a failed send: the request goes
     // on another connection, neither counted nor limited as a retry (each connection so lost
     // leaves the pool, and one handed over new is not covered, so this ends).
     auto kind = fetcher->getCloseKind();
     return everIdle && e.getType() == kj::Exception::Type::DISCONNECTED &&
-        !fetcher->lastExchangeWroteRequest() &&
+        (refusedAtOnce || !fetcher->lastExchangeWroteRequest()) &&
         (kind == StreamFetcher::CloseKind::PEER_CLOSED_IDLE ||
          kind == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
   }
@@ -479,7 +480,7 @@ public:
     })) {
       // Found lost before anything was written (the server closed or poisoned it while idle, or
       // it was lost between being handed out and now), so another connection may carry it.
-      if (connection->lostWhileIdle(e)) return sendElsewhere();
+      if (connection->lostWhileIdle(e, true)) return sendElsewhere();
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false,
           true);
@@ -544,6 +545,7 @@ public:
     if (bodyMode != BodyMode::STREAMING) return true;
     if (innerBodyWritten) return false;
     innerBody = nullptr;  // the failed exchange's, which nothing was written to
+    bodyTaken = nullptr;  // whenWriteDisconnected() waits for the next connection
     return true;
   }
 
@@ -669,11 +671,9 @@ public:
       bodyTakenFulfiller = kj::mv(paf.fulfiller);
     }
     return KJ_ASSERT_NONNULL(bodyTaken).addBranch().then(
-        [self = kj::addRef(*this)]() mutable -> kj::Promise<void> {
-      KJ_IF_SOME(inner, self->innerBody) {
-        return inner->whenWriteDisconnected();
-      }
-      return kj::READY_NOW;
+        [self = kj::addRef(*this)]() mutable {
+      // (Taken back since, if the connection was found lost: waits for the next one.)
+      return self->whenWriteDisconnected();
     });
   }
 
@@ -815,7 +815,7 @@ private:
       started = fetcher.openWebSocket(copy.getUrl(), copy.getHeaders());
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
-      if (connection->lostWhileIdle(e)) return start(false);
+      if (connection->lostWhileIdle(e, true)) return start(false);
       auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
       return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false);
     }
@@ -990,7 +990,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     // on another connection, as any attempt would be.
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
-    auto response = connection->lostWhileIdle(e) ? attempt->sendElsewhere()
+    auto response = connection->lostWhileIdle(e, true) ? attempt->sendElsewhere()
         : attempt->retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), upstreamName), false, false,
               true);
     return Request{StreamFetcher::bodilessRequestBody(expectedBodySize),
