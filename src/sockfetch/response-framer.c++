@@ -526,7 +526,9 @@ void ResponseFramer::passThrough() {
 }
 
 void ResponseFramer::freeBuffer() {
-  if (begin == end) {
+  // Only between responses: within one, positions carry what was seen (a CR after chunk data is
+  // known by where it lies), and resetting them would forget it.
+  if (begin == end && state == State::IDLE) {
     KJ_IF_SOME(cache, bufferCache()) {
       if (buffer.size() == INITIAL_BUFFER && cache.size() < CACHED_BUFFERS) {
         cache.add(kj::mv(buffer));
@@ -1017,6 +1019,27 @@ void ResponseFramer::closeGap() {
   gapSize = 0;
 }
 
+void ResponseFramer::checkTrailerLimits(size_t lineBytes, size_t sectionBefore, bool counted) {
+  // The trailer line so far (`lineBytes`, its LF not included) against maxChunkLineBytes, and the
+  // section so far (`sectionBefore` bytes before this line, and this line if `counted`: the empty
+  // line that ends it is not) against maxTrailerBytes. When both are over, the one this line's
+  // bytes crossed first is named, as it would be had they come a byte at a time: the same error
+  // however the reads fall. (A tie names the line.)
+  size_t lineCross = lineBytes > limits.maxChunkLineBytes ? limits.maxChunkLineBytes : SIZE_MAX;
+  size_t sectionCross = SIZE_MAX;
+  if (counted && trailerBytes > limits.maxTrailerBytes) {
+    sectionCross = sectionBefore >= limits.maxTrailerBytes ? 0
+        : limits.maxTrailerBytes - sectionBefore;
+  }
+  if (lineCross == SIZE_MAX && sectionCross == SIZE_MAX) return;
+  if (lineCross <= sectionCross) {
+    kj::throwFatalException(overLimit("trailer line", "maxChunkLineBytes",
+        limits.maxChunkLineBytes));
+  }
+  kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
+      limits.maxTrailerBytes));
+}
+
 bool ResponseFramer::parseTrailerLine() {
   const char* chars = reinterpret_cast<const char*>(buffer.begin());
   auto nl = reinterpret_cast<const char*>(memchr(chars + parsed, '\n', end - parsed));
@@ -1026,25 +1049,17 @@ bool ResponseFramer::parseTrailerLine() {
     // The empty line that ends the section is not counted: until more arrives, this may be it.
     // (Only an empty line ends it; see below. Telling so from the line's length, not its bytes,
     // keeps a line that grows a byte per read from being rescanned per read.)
-    bool mayBeLast = end - lineStart == 0 || (end - lineStart == 1 && chars[lineStart] == '\r');
-    if (trailerBytes > limits.maxTrailerBytes && !mayBeLast) {
-      kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
-          limits.maxTrailerBytes));
-    }
-    if (end - lineStart > limits.maxChunkLineBytes) {
-      kj::throwFatalException(overLimit("trailer line", "maxChunkLineBytes",
-          limits.maxChunkLineBytes));
-    }
+    size_t lineBytes = end - lineStart;
+    bool mayBeLast = lineBytes == 0 || (lineBytes == 1 && chars[lineStart] == '\r');
+    checkTrailerLimits(lineBytes, trailerBytes - lineBytes, !mayBeLast);
     return false;
   }
   size_t lineEnd = nl - chars;
   trailerBytes += lineEnd + 1 - parsed;
-  if (lineEnd - lineStart > limits.maxChunkLineBytes) {
-    kj::throwFatalException(overLimit("trailer line", "maxChunkLineBytes",
-        limits.maxChunkLineBytes));
-  }
-  auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
   size_t contentEnd = lineEnd > lineStart && chars[lineEnd - 1] == '\r' ? lineEnd - 1 : lineEnd;
+  checkTrailerLimits(lineEnd - lineStart, trailerBytes - (lineEnd + 1 - lineStart),
+      contentEnd != lineStart);
+  auto line = trim(kj::arrayPtr(chars + lineStart, lineEnd - lineStart));
   if (contentEnd == lineStart) {
     // The empty line that ends the section. (A line of blanks is not empty: after a field it
     // continues it, as any fold does; before one it is not a field.)
@@ -1053,10 +1068,6 @@ bool ResponseFramer::parseTrailerLine() {
     messageEnd = parsed;
     state = State::COMPLETE;
     return true;
-  }
-  if (trailerBytes > limits.maxTrailerBytes) {
-    kj::throwFatalException(overLimit("trailer section", "maxTrailerBytes",
-        limits.maxTrailerBytes));
   }
   bool fold = chars[lineStart] == ' ' || chars[lineStart] == '\t';
   if (!fold || !trailerFieldSeen) {

@@ -181,7 +181,8 @@ public:
   size_t bufferCapacity() const { return buffer.size(); }
 
   void freeBuffer();
-  // Releases the buffer's memory while nothing is buffered (an idle connection holds none).
+  // Releases the buffer's memory while nothing is buffered between responses (an idle connection
+  // holds none); does nothing otherwise.
 
 private:
   enum class State {
@@ -246,6 +247,7 @@ private:
   void keepOnly(size_t from, size_t size, size_t lineEnd);
   void closeGap();
   bool parseTrailerLine();
+  void checkTrailerLimits(size_t lineBytes, size_t sectionBefore, bool counted);
   void compact();
 };
 
