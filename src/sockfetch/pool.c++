@@ -47,8 +47,8 @@ bool isIdempotent(kj::HttpMethod method) {
 class RequestCopy {
   // A request's url and headers, copied (into the object itself if they are small, else into one
   // allocation): the caller's are valid only during request(), but the pool may send the request
-  // later (it waited for a connection) or again (a retry). A kj::HttpHeaders over the copy is
-  // built only then.
+  // later (it waited for a connection, or went elsewhere) or again (a retry). A kj::HttpHeaders
+  // over the copy is built only then.
 public:
   RequestCopy(kj::StringPtr url, const kj::HttpHeaders& headers) {
     // One pass over the headers when they fit in the object (the usual request), two when not.
@@ -142,9 +142,8 @@ kj::Exception lostBeforeSent(kj::StringPtr reason, bool serverSpokeFirst,
   }
   // Sending again would most likely meet the same: the server is not keeping connections.
   return KJ_EXCEPTION(DISCONNECTED, kj::str("a new connection to the upstream", upstreamName,
-      " was lost before the request was sent on it (", reason, "); nothing of it was written: "
-      "check that the upstream accepts connections and keeps them open (it may be at its "
-      "connection limit)"));
+      " was lost: ", reason, "; nothing of the request was written, check that the upstream "
+      "accepts connections and keeps them open (it may be at its connection limit)"));
 }
 
 kj::String showDuration(kj::Duration d) {
@@ -350,8 +349,14 @@ public:
     // idle timeout ran out, before the idle watch noticed), not a failed send: the request goes
     // on another connection, neither counted nor limited as a retry (each connection so lost
     // leaves the pool, and one handed over new is not covered, so this ends).
+    return everIdle && lostBeforeWritten(e, refusedAtOnce);
+  }
+
+  bool lostBeforeWritten(const kj::Exception& e, bool refusedAtOnce = false) const {
+    // As lostWhileIdle(), for any connection: a new one too (whose loss is then a failure, said
+    // by lostBeforeSent()).
     auto kind = fetcher->getCloseKind();
-    return everIdle && e.getType() == kj::Exception::Type::DISCONNECTED &&
+    return e.getType() == kj::Exception::Type::DISCONNECTED &&
         (refusedAtOnce || !fetcher->lastExchangeWroteRequest()) &&
         (kind == StreamFetcher::CloseKind::PEER_CLOSED_IDLE ||
          kind == StreamFetcher::CloseKind::UNSOLICITED_BYTES);
@@ -481,8 +486,7 @@ public:
       // Found lost before anything was written (the server closed or poisoned it while idle, or
       // it was lost between being handed out and now), so another connection may carry it.
       if (connection->lostWhileIdle(e, true)) return sendElsewhere();
-      auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
-      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false,
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool().upstreamName), false, false,
           true);
     }
     connection->countUse();
@@ -503,11 +507,12 @@ public:
           request.body = nullptr;
         } else {
           innerBody = kj::mv(request.body);
+          ++bodyGeneration;
           KJ_IF_SOME(waiter, innerBodyWaiter) {
             (waiter)->fulfill();
             innerBodyWaiter = nullptr;
           }
-          bodyTakenOrGone();
+          bodyChanged();
         }
         break;
     }
@@ -528,12 +533,17 @@ public:
     return response.catch_(
         [self = kj::addRef(*this), connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<Response> {
-      // Holds the attempt (see ConnectionPool::request()) for as long as a retry may need it.
+      // Holds the attempt (see ConnectionPool::request()) for as long as sending it again (or
+      // elsewhere) may need it.
       if (connection->lostWhileIdle(e) && self->takeBodyBack()) {
         self->pool().uncountUse(*connection);
         return self->sendElsewhere();
       }
-      return self->retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
+      kj::Exception failure = connection->lostBeforeWritten(e) && self->life->pool != nullptr
+          ? lostBeforeSent(*connection->fetcher, kj::mv(e),
+                KJ_ASSERT_NONNULL(self->life->pool).upstreamName)
+          : kj::mv(e);
+      return self->retryOrThrow(kj::mv(failure), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
     });
   }
@@ -545,7 +555,7 @@ public:
     if (bodyMode != BodyMode::STREAMING) return true;
     if (innerBodyWritten) return false;
     innerBody = nullptr;  // the failed exchange's, which nothing was written to
-    bodyTaken = nullptr;  // whenWriteDisconnected() waits for the next connection
+    bodyChanged();        // whenWriteDisconnected() follows the next connection
     return true;
   }
 
@@ -629,7 +639,10 @@ public:
     }
     kj::Promise<void> written = nullptr;
     KJ_IF_SOME(inner, innerBody) {
-      innerBodyWritten = true;
+      if (!innerBodyWritten) {
+        innerBodyWritten = true;
+        bodyChanged();
+      }
       written = writeTo(*inner);
     } else KJ_IF_SOME(failure, bodyFailure) {
       return cloneException(failure);
@@ -639,7 +652,10 @@ public:
       written = paf.promise.then([self = kj::addRef(*this), writeTo = kj::mv(writeTo)]() mutable
           -> kj::Promise<void> {
         KJ_IF_SOME(inner, self->innerBody) {
-          self->innerBodyWritten = true;
+          if (!self->innerBodyWritten) {
+            self->innerBodyWritten = true;
+            self->bodyChanged();
+          }
           return writeTo(*inner);
         }
         return KJ_EXCEPTION(FAILED, "the request body was dropped while a write to it waited for "
@@ -657,32 +673,58 @@ public:
   }
 
   kj::Promise<void> whenWriteDisconnected() {
-    // A streaming body's is the connection's body's, once a connection took it; before, it waits
-    // for one, and is disconnected if none ever will. A buffered body's writes go to the pool,
-    // which never disconnects.
+    // A streaming body's follows the connection that took it; before, it waits for one, and is
+    // disconnected if none ever will. A buffered body's writes go to the pool, which never
+    // disconnects.
     if (bodyMode != BodyMode::STREAMING) return kj::NEVER_DONE;
     KJ_IF_SOME(inner, innerBody) {
-      return inner->whenWriteDisconnected();
+      return inner->whenWriteDisconnected().then(
+          [self = kj::addRef(*this), generation = bodyGeneration]() mutable {
+        return self->disconnectedUnlessResent(generation);
+      });
     }
     if (bodyFailure != nullptr || streamingDropped) return kj::READY_NOW;
+    return bodyChange().then([self = kj::addRef(*this)]() mutable {
+      return self->whenWriteDisconnected();
+    });
+  }
+
+  kj::Promise<void> disconnectedUnlessResent(uint64_t generation) {
+    // The connection that took the body (the `generation`th to) is gone. If nothing was written
+    // to it, the request may yet go on another (takeBodyBack()), which the response's outcome
+    // decides: until then the body is not disconnected.
+    if (generation != bodyGeneration || innerBody == nullptr) return whenWriteDisconnected();
+    if (innerBodyWritten || bodyFailure != nullptr || streamingDropped || responded) {
+      return kj::READY_NOW;
+    }
+    return bodyChange().then([self = kj::addRef(*this), generation]() mutable {
+      return self->disconnectedUnlessResent(generation);
+    });
+  }
+
+  kj::Promise<void> bodyChange() {
+    // Fulfilled at the next bodyChanged().
     if (bodyTaken == nullptr) {
       auto paf = kj::newPromiseAndFulfiller<void>();
       bodyTaken = paf.promise.fork();
       bodyTakenFulfiller = kj::mv(paf.fulfiller);
     }
-    return KJ_ASSERT_NONNULL(bodyTaken).addBranch().then(
-        [self = kj::addRef(*this)]() mutable {
-      // (Taken back since, if the connection was found lost: waits for the next one.)
-      return self->whenWriteDisconnected();
-    });
+    return KJ_ASSERT_NONNULL(bodyTaken).addBranch();
   }
 
-  void bodyTakenOrGone() {
-    // A connection took the streaming body, or none ever will: wakes whenWriteDisconnected().
+  void bodyChanged() {
+    // A connection took the streaming body or gave it back, a write went to it, the response
+    // came, or no connection ever will take it: wakes whenWriteDisconnected().
     KJ_IF_SOME(fulfiller, bodyTakenFulfiller) {
       fulfiller->fulfill();
-      bodyTakenFulfiller = nullptr;
     }
+    bodyTakenFulfiller = nullptr;
+    bodyTaken = nullptr;  // (its branches keep what they need)
+  }
+
+  void responseArrived() {
+    responded = true;
+    bodyChanged();
   }
 
   bool writeGivenUp() {
@@ -740,7 +782,7 @@ public:
           }
         }
         innerBody = nullptr;  // finishes (chunked) or aborts (short or given up) the body
-        bodyTakenOrGone();
+        bodyChanged();
         break;
     }
   }
@@ -752,7 +794,7 @@ public:
       (waiter)->reject(cloneException(e));
       innerBodyWaiter = nullptr;
     }
-    bodyTakenOrGone();
+    bodyChanged();
   }
 
   kj::Own<Life> life;
@@ -768,8 +810,10 @@ public:
   bool innerBodyWritten = false;  // a write went to innerBody (see takeBodyBack())
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> innerBodyWaiter;
   kj::Maybe<kj::Exception> bodyFailure;  // no connection will carry a streaming body
-  kj::Maybe<kj::ForkedPromise<void>> bodyTaken;  // for whenWriteDisconnected(), made on demand
+  kj::Maybe<kj::ForkedPromise<void>> bodyTaken;  // see bodyChange(), made on demand
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> bodyTakenFulfiller;
+  uint64_t bodyGeneration = 0;  // how many connections took innerBody so far
+  bool responded = false;       // a streaming request's response came
   kj::Promise<void> bodyWrite = nullptr;
   bool streamingDropped = false;
   bool writeOutstanding = false;  // a streaming write started and not finished (or given up)
@@ -816,8 +860,8 @@ private:
     })) {
       // Lost while idle (or since it was handed out): nothing was written.
       if (connection->lostWhileIdle(e, true)) return start(false);
-      auto& pool = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
-      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), pool.upstreamName), false, false);
+      auto& p = KJ_ASSERT_NONNULL(life->pool);  // (checked above)
+      return retryOrThrow(lostBeforeSent(fetcher, kj::mv(e), p.upstreamName), false, false);
     }
     connection->countUse();
     auto forResult = kj::addRef(*connection);
@@ -836,10 +880,14 @@ private:
       return kj::mv(response);
     }, [this, connection = kj::mv(connection)](kj::Exception&& e) mutable
         -> kj::Promise<WebSocketResponse> {
-      if (connection->lostWhileIdle(e)) {
-        KJ_IF_SOME(p, life->pool) {
+      KJ_IF_SOME(p, life->pool) {
+        if (connection->lostWhileIdle(e)) {
           p.uncountUse(*connection);
           return start(false);
+        }
+        if (connection->lostBeforeWritten(e)) {
+          return retryOrThrow(lostBeforeSent(*connection->fetcher, kj::mv(e), p.upstreamName),
+              connection->lastUseWasStale(), connection->fetcher->lastExchangeWroteRequest());
         }
       }
       return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
@@ -966,7 +1014,10 @@ kj::HttpClient::Request ConnectionPool::request(kj::HttpMethod method, kj::Strin
     response = response.exclusiveJoin(abandoned.promise.then([]() -> Response {
       KJ_FAIL_ASSERT("`abandoned` is only ever rejected");
     }));
-    response = response.catch_([raw](kj::Exception&& e) -> Response {
+    response = response.then([raw](Response&& r) -> Response {
+      raw->responseArrived();
+      return kj::mv(r);
+    }, [raw](kj::Exception&& e) -> Response {
       raw->failPendingWrites(e);
       kj::throwFatalException(kj::mv(e));
     }).attach(kj::defer([raw]() {
@@ -987,7 +1038,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
     started = fetcher.request(method, url, headers, expectedBodySize);
   })) {
     // Found lost before anything was written (the server closed or poisoned it while idle): sent
-    // on another connection, as any attempt would be.
+    // on another connection if it had sat idle, else once more on a new one (a retry).
     auto attempt = kj::refcounted<Attempt>(*this, method, url, headers, expectedBodySize,
         BodyMode::NONE);
     auto response = connection->lostWhileIdle(e, true) ? attempt->sendElsewhere()
@@ -1014,7 +1065,9 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
       auto attempt = kj::refcounted<Attempt>(pool, method, copy.getUrl(), copy.getHeaders(),
           expectedBodySize, BodyMode::NONE);
       auto retry = lostWhileIdle ? attempt->sendElsewhere()
-          : attempt->retryOrThrow(kj::mv(e), stale, wroteAny);
+          : attempt->retryOrThrow(connection->lostBeforeWritten(e)
+                ? lostBeforeSent(*connection->fetcher, kj::mv(e), pool.upstreamName)
+                : kj::mv(e), stale, wroteAny);
       return retry.attach(kj::mv(attempt));
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry

@@ -28,7 +28,7 @@ class ConnectionPool final: public kj::HttpClient {
   // idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and the pool can replay its body (none,
   // or one of known size up to Settings::maxReplayBodyBytes, which the pool then buffers before
   // sending). Never twice, and never a POST whose bytes reached the server. A connection found
-  // closed while idle (after sitting idle in the pool) as a request is about to go out on it,
+  // closed (or poisoned) while idle, after sitting idle in the pool, as a request goes out on it,
   // before anything is written, is no failure: the request simply takes another connection, not
   // counted as a retry (nor as a reuse) - a streamed body too, unless a write already went to
   // the lost connection (that write failed, so the request does too).
@@ -50,10 +50,12 @@ public:
     // over); an upgraded one (101) leaves the pool, and no longer counts.
     unsigned maxIdleConnections = 32;
     // Idle connections kept; a connection coming back to a full idle set is closed (0: none is
-    // kept, so none is reused).
+    // kept; one coming back still goes straight to a request already waiting for one; neverReuse
+    // uses each connection once).
     kj::Duration idleTimeout = 60 * kj::SECONDS;
     // An idle connection unused this long is closed (kj::maxValue: never). The three timeouts
-    // may not be negative (the constructor throws); 0 means at once.
+    // may not be negative (the constructor throws); 0 means at once (a connection coming back
+    // still goes straight to a request already waiting for one).
     uint64_t maxRequestsPerConnection = 0;
     // A connection that served this many requests is closed instead of reused (0: no limit).
     unsigned maxWaiting = 1024;
@@ -136,12 +138,11 @@ public:
   Request request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
       kj::Maybe<uint64_t> expectedBodySize = nullptr) override;
   // Sends the request on a pooled connection. `url` and `headers` are copied; a `url` that is
-  // empty or has a space or a control character throws at once (FAILED). The response
-  // promise fails with OVERLOADED if the pool is saturated or opening a connection timed out
-  // (see Settings), with the connector's error (naming the address) if none could be opened,
-  // or with the exchange's error. The request body may be written
-  // at once; its writes complete once a connection carries them (or, for a replayable body, once
-  // buffered).
+  // empty or has a space or a control character, or a header with an empty name, throws at once
+  // (FAILED). The response promise fails with OVERLOADED if the pool is saturated or opening a
+  // connection timed out (see Settings), with the connector's error (naming the address) if none
+  // could be opened, or with the exchange's error. The request body may be written at once; its
+  // writes complete once a connection carries them (or, for a replayable body, once buffered).
 
   kj::Promise<WebSocketResponse> openWebSocket(
       kj::StringPtr url, const kj::HttpHeaders& headers) override;
