@@ -289,11 +289,9 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::probeLoss() {
     if (outcome.is<ProbeGotByte>()) {
       return unsolicited(kj::arrayPtr(reinterpret_cast<const char*>(&probeByte), 1));
     } else if (outcome.is<ProbeGotEof>()) {
-      return IdleLoss{false, kj::str(carriedExchange ? CLOSED_IDLE : CLOSED_NEW)};
+      return endedWhileIdle(nullptr);
     } else if (outcome.is<kj::Exception>()) {
-      return IdleLoss{false, kj::str(carriedExchange ? "the idle connection failed: "
-          : "the connection failed before any request was sent on it: ",
-          outcome.get<kj::Exception>().getDescription())};
+      return endedWhileIdle(outcome.get<kj::Exception>().getDescription());
     }
   }
   return nullptr;
@@ -317,13 +315,20 @@ kj::Maybe<FramedStream::IdleLoss> FramedStream::peekSocket() {
       n = recv(fd, seen, sizeof(seen), MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     if (n > 0) return unsolicited(kj::arrayPtr(seen, n));
-    if (n == 0) return IdleLoss{false, kj::str(carriedExchange ? CLOSED_IDLE : CLOSED_NEW)};
+    if (n == 0) return endedWhileIdle(nullptr);
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOTSOCK) {
-      return IdleLoss{false, kj::str(carriedExchange ? "the idle connection failed: "
-          : "the connection failed before any request was sent on it: ", strerror(errno))};
+      return endedWhileIdle(strerror(errno));
     }
   }
   return nullptr;
+}
+
+FramedStream::IdleLoss FramedStream::endedWhileIdle(kj::StringPtr error) const {
+  if (error.size() == 0) {
+    return IdleLoss{false, kj::str(carriedExchange ? CLOSED_IDLE : CLOSED_NEW)};
+  }
+  return IdleLoss{false, kj::str(carriedExchange ? "the idle connection failed: "
+      : "the connection failed before any request was sent on it: ", error)};
 }
 
 FramedStream::IdleLoss FramedStream::unsolicited(kj::ArrayPtr<const char> seen) {

@@ -192,6 +192,9 @@ private:
   kj::Maybe<IdleLoss> probeLoss();
   // What the idle read found, if it completed.
   kj::Maybe<IdleLoss> peekSocket();
+  IdleLoss endedWhileIdle(kj::StringPtr error) const;
+  // The loss for the idle connection closed (`error` empty) or failed with `error`: said of a
+  // connection that never carried a request as such.
   IdleLoss unsolicited(kj::ArrayPtr<const char> seen);
   // The loss for bytes that came while idle, `seen` being (the start of) them.
   kj::Promise<void> passGate();

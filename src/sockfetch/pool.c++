@@ -539,10 +539,8 @@ public:
         self->pool().uncountUse(*connection);
         return self->sendElsewhere();
       }
-      kj::Exception failure = connection->lostBeforeWritten(e) && self->life->pool != nullptr
-          ? lostBeforeSent(*connection->fetcher, kj::mv(e),
-                KJ_ASSERT_NONNULL(self->life->pool).upstreamName)
-          : kj::mv(e);
+      kj::Exception failure = self->life->pool == nullptr ? kj::mv(e)
+          : KJ_ASSERT_NONNULL(self->life->pool).sayFailure(*connection, kj::mv(e));
       return self->retryOrThrow(kj::mv(failure), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
     });
@@ -885,10 +883,8 @@ private:
           p.uncountUse(*connection);
           return start(false);
         }
-        if (connection->lostBeforeWritten(e)) {
-          return retryOrThrow(lostBeforeSent(*connection->fetcher, kj::mv(e), p.upstreamName),
-              connection->lastUseWasStale(), connection->fetcher->lastExchangeWroteRequest());
-        }
+        return retryOrThrow(p.sayFailure(*connection, kj::mv(e)), connection->lastUseWasStale(),
+            connection->fetcher->lastExchangeWroteRequest());
       }
       return retryOrThrow(kj::mv(e), connection->lastUseWasStale(),
           connection->fetcher->lastExchangeWroteRequest());
@@ -1065,9 +1061,7 @@ kj::HttpClient::Request ConnectionPool::sendBodilessNow(kj::HttpMethod method,
       auto attempt = kj::refcounted<Attempt>(pool, method, copy.getUrl(), copy.getHeaders(),
           expectedBodySize, BodyMode::NONE);
       auto retry = lostWhileIdle ? attempt->sendElsewhere()
-          : attempt->retryOrThrow(connection->lostBeforeWritten(e)
-                ? lostBeforeSent(*connection->fetcher, kj::mv(e), pool.upstreamName)
-                : kj::mv(e), stale, wroteAny);
+          : attempt->retryOrThrow(pool.sayFailure(*connection, kj::mv(e)), stale, wroteAny);
       return retry.attach(kj::mv(attempt));
     }
     return kj::mv(e);  // the pool is gone: nowhere to retry
@@ -1353,6 +1347,14 @@ void ConnectionPool::connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>
   }, [f](kj::Exception&& e) {
     f->reject(kj::mv(e));
   }).attach(kj::mv(fulfiller)));
+}
+
+kj::Exception ConnectionPool::sayFailure(Connection& connection, kj::Exception&& e) {
+  // How a request's failure on `connection` reaches the caller: a new connection lost before
+  // anything of the request was written (found at its first write, after the fetcher took the
+  // request) in the pool's words, as when the fetcher refuses it at once; anything else as it is.
+  if (!connection.lostBeforeWritten(e)) return kj::mv(e);
+  return lostBeforeSent(*connection.fetcher, kj::mv(e), upstreamName);
 }
 
 void ConnectionPool::uncountUse(Connection& connection) {

@@ -224,6 +224,7 @@ private:
   void connectFor(kj::Own<kj::PromiseFulfiller<kj::Own<Connection>>> fulfiller);
   void countClose(StreamFetcher::CloseKind kind);
   void uncountUse(Connection& connection);
+  kj::Exception sayFailure(Connection& connection, kj::Exception&& e);
 };
 
 }  // namespace sockfetch
